@@ -1,0 +1,21 @@
+"""The code location: ``dagster dev`` (workspace.yaml) and ``curator-assets run`` load these."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from curator_assets.defs import assets, jobs, sensors
+from curator_assets.defs.resources import ShardStorage, storage_from_env
+
+
+def build_definitions(storage: ShardStorage | None = None) -> dg.Definitions:
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules([assets]),
+        asset_checks=dg.load_asset_checks_from_modules([assets]),
+        jobs=[jobs.shard_pipeline],
+        sensors=[sensors.shard_sensor],
+        resources={"storage": storage or storage_from_env()},
+    )
+
+
+defs = build_definitions()

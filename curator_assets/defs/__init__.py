@@ -1,0 +1,1 @@
+"""The Dagster shell over the core: partitions, resources, assets, checks, sensors, jobs."""

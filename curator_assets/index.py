@@ -1,0 +1,285 @@
+"""The DALI ``.idx`` index of a shard (the format ``wds2idx`` writes).
+
+::
+
+    v1.2 <number of records>
+    <ext> <data offset> <size> <member name> [<ext> <offset> <size> <name> ...]
+
+One line per record. Version ``v1.1`` lines have no name field. For every tar that ``wds2idx``
+handles correctly our output is byte-identical; for GNU long-name members (where ``wds2idx``
+points at the long-name header instead of the data) ours is correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from curator_assets.tar_members import Member, Record, split_key
+
+INDEX_VERSION = "v1.2"
+READABLE_VERSIONS = ("v1.1", "v1.2")
+
+
+class IndexFormatError(ValueError):
+    """An index that cannot be written (a name the format cannot hold) or read back."""
+
+
+class IndexComponent(tuple):
+    """``(ext, offset, size, name)``; ``name`` is None in a v1.1 index."""
+
+    __slots__ = ()
+
+    def __new__(cls, ext: str, offset: int, size: int, name: str | None):
+        return tuple.__new__(cls, (ext, offset, size, name))
+
+    ext = property(lambda self: self[0])
+    offset = property(lambda self: self[1])
+    size = property(lambda self: self[2])
+    name = property(lambda self: self[3])
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    components: tuple[IndexComponent, ...]
+
+    @property
+    def key(self) -> str | None:
+        """The record ID, from the member name (v1.2); None for v1.1."""
+        name = self.components[0].name
+        return None if name is None else split_key(name)[0]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    version: str
+    records: tuple[IndexRecord, ...]
+
+    @property
+    def has_names(self) -> bool:
+        return self.version != "v1.1"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _check_field(value: str, what: str, member: str) -> None:
+    # The format is space-separated: any whitespace in a field would shift every field after it.
+    if not value or any(c.isspace() for c in value):
+        shown = "empty" if not value else "contains whitespace"
+        raise IndexFormatError(
+            f"member {member!r}: its {what} {shown}, which the .idx format cannot hold; "
+            "rename it inside the tar"
+        )
+
+
+def format_index(records: Iterable[Record]) -> str:
+    """The text of a v1.2 index for these records (raises :class:`IndexFormatError`)."""
+    lines = []
+    for record in records:
+        parts = []
+        for ext, m in record.components:
+            _check_field(ext, "extension", m.name)
+            _check_field(m.name, "name", m.name)
+            parts.append(f"{ext} {m.offset} {m.size} {m.name}")
+        lines.append(" ".join(parts))
+    if not lines:
+        raise IndexFormatError("the shard has no records to index")
+    return f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n"
+
+
+def build_index_bytes(records: Iterable[Record]) -> bytes:
+    return format_index(records).encode("utf-8", "surrogateescape")
+
+
+def parse_index(data: bytes | str, source: str = "index") -> ShardIndex:
+    """Read a v1.1 or v1.2 index back; raises :class:`IndexFormatError` naming the line."""
+    text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise IndexFormatError(f"{source}: empty file")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] not in READABLE_VERSIONS:
+        raise IndexFormatError(f"{source}: line 1: expected 'v1.1 N' or 'v1.2 N', got {lines[0][:80]!r}")
+    version = head[0]
+    try:
+        count = int(head[1])
+    except ValueError:
+        raise IndexFormatError(f"{source}: line 1: record count {head[1]!r} is not a number") from None
+    if count != len(lines) - 1:
+        raise IndexFormatError(f"{source}: header says {count} records but the file has {len(lines) - 1} lines")
+    width = 4 if version == "v1.2" else 3
+    records = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split(" ")
+        if not line or len(fields) % width:
+            raise IndexFormatError(f"{source}: line {lineno}: expected groups of {width} fields")
+        comps = []
+        for i in range(0, len(fields), width):
+            try:
+                offset = int(fields[i + 1])
+                size = int(fields[i + 2])
+            except ValueError:
+                raise IndexFormatError(f"{source}: line {lineno}: offset/size is not a number") from None
+            if offset < 0 or size < 0:
+                raise IndexFormatError(f"{source}: line {lineno}: negative offset or size")
+            comps.append(IndexComponent(fields[i], offset, size, fields[i + 3] if width == 4 else None))
+        records.append(IndexRecord(tuple(comps)))
+    return ShardIndex(version, tuple(records))
+
+
+def index_matches_members(index: ShardIndex, records: list[Record]) -> list[str]:
+    """Differences between an index and the records of the tar it claims to describe."""
+    diffs: list[str] = []
+    if len(index.records) != len(records):
+        diffs.append(f"index has {len(index.records)} records, tar has {len(records)}")
+    for n, (irec, rec) in enumerate(zip(index.records, records)):
+        if len(irec.components) != len(rec.components):
+            diffs.append(f"record {n} ({rec.key}): {len(irec.components)} components in index, "
+                         f"{len(rec.components)} in tar")
+            continue
+        for comp, (ext, m) in zip(irec.components, rec.components):
+            if comp.ext != ext or comp.offset != m.offset or comp.size != m.size or (
+                comp.name is not None and comp.name != m.name
+            ):
+                diffs.append(
+                    f"record {n} ({rec.key}): index says {comp.ext} {comp.offset} {comp.size} "
+                    f"{comp.name or ''}, tar has {ext} {m.offset} {m.size} {m.name}".rstrip()
+                )
+                break
+        if len(diffs) >= 20:
+            diffs.append("...")
+            break
+    return diffs
+
+
+def members_of_index(index: ShardIndex) -> list[Member]:
+    """The members an index describes, as :class:`Member` values (names only for v1.2)."""
+    out = []
+    for rec in index.records:
+        for c in rec.components:
+            out.append(Member(c.name or "", c.offset - 512, c.offset, c.size, "0"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building an index for a shard of a dataset
+
+
+@dataclass
+class IndexResult:
+    key: str
+    shard_url: str
+    index_url: str
+    records: int
+    members: int
+    bytes: int  # size of the shard
+    seconds: float
+    reused: bool
+    tar_fingerprint: str
+    index_fingerprint: str | None
+
+
+def _spot_check(f, index: ShardIndex, shard_size: int) -> bool:
+    """Cheap freshness check of an existing index: the first, middle and last components must
+    sit inside the tar and be preceded by a header that agrees on size (and short names)."""
+    from curator_assets.tar_members import _number, _nts
+
+    comps = [c for r in index.records for c in r.components]
+    if not comps:
+        return False
+    picks = {0, len(comps) // 2, len(comps) - 1}
+    for i in picks:
+        c = comps[i]
+        if c.offset % 512 or c.offset + c.size > shard_size:
+            return False
+        f.seek(c.offset - 512)
+        header = f.read(512)
+        if len(header) < 512:
+            return False
+        try:
+            size = _number(header[124:136])
+        except ValueError:
+            return False
+        if size != c.size:
+            return False
+        name = _nts(header[0:100]).decode("utf-8", "surrogateescape")
+        if c.name is not None and len(c.name) < 100 and not c.name.endswith(name):
+            return False
+    return True
+
+
+def ensure_index(
+    dataset,
+    key: str,
+    *,
+    force: bool = False,
+    previous: dict[str, str] | None = None,
+) -> IndexResult:
+    """Build (or reuse) the ``.idx`` of one shard of ``dataset``.
+
+    Reuse rules, cheapest first: ``previous`` fingerprints (what the last run recorded) equal
+    to the current tar and index fingerprints; else an index newer than the tar whose spot
+    check passes. ``force`` always rebuilds. Raises ``TarError``/``IndexFormatError``/
+    ``StorageError`` naming the shard.
+    """
+    import time
+
+    from curator_assets.storage import fingerprint_of
+    from curator_assets.tar_members import group_records, read_members
+
+    start = time.perf_counter()
+    shard = dataset.shard(key)
+    idx_info = dataset.index_info(key)
+    idx_fp = fingerprint_of(idx_info) if idx_info else None
+    idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
+
+    if not force and idx_info is not None:
+        fresh = False
+        if previous and previous.get("tar_fingerprint") == shard.fingerprint and previous.get(
+            "index_fingerprint"
+        ) == idx_fp:
+            fresh = True
+        elif _mtime(idx_info) is not None and _mtime(idx_info) >= (_mtime(dataset.fs.info(shard.path)) or 0):
+            try:
+                existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
+                with dataset.open_shard(key) as f:
+                    fresh = _spot_check(f, existing, shard.size)
+            except IndexFormatError:
+                fresh = False
+        if fresh:
+            existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
+            return IndexResult(
+                key, shard.url, idx_url, len(existing),
+                sum(len(r.components) for r in existing.records), shard.size,
+                time.perf_counter() - start, True, shard.fingerprint, idx_fp,
+            )
+
+    with dataset.open_shard(key) as f:
+        members = read_members(f, shard.url)
+    records = group_records(members)
+    try:
+        data = build_index_bytes(records)
+    except IndexFormatError as exc:
+        raise IndexFormatError(f"{shard.url}: {exc}") from None
+    dataset.write_index(key, data)
+    new_info = dataset.index_info(key)
+    return IndexResult(
+        key, shard.url, idx_url, len(records), sum(len(r.components) for r in records),
+        shard.size, time.perf_counter() - start, False, shard.fingerprint,
+        fingerprint_of(new_info) if new_info else None,
+    )
+
+
+def _mtime(info: dict) -> float | None:
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

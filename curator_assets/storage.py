@@ -1,0 +1,337 @@
+"""Shard storage over fsspec: local disk, ``file://``, ``s3://``, ``gs://``, ``az://``/``abfs://``.
+
+A dataset is a folder of ``*.tar`` shards (any case, any depth). Each shard gets a stable
+partition key: its path relative to the dataset root without the ``.tar`` suffix
+(``00000``, ``part-a/00000``). Indexes go beside the tar (``00000.idx``) or under a separate
+index location for read-only datasets; reports and manifests go under an output location.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+# Characters and substrings that break Dagster partition selection or the UI.
+_UNSAFE_KEY_SUBSTRINGS = ("...", ",", "|", "[", "]")
+OUTPUT_DIRNAME = "_curator"
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+class StorageError(OSError):
+    """A dataset location that cannot be listed, read or written; the message names it."""
+
+
+class UnsafeKeyError(ValueError):
+    """A shard path that cannot be a Dagster partition key."""
+
+
+def partition_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a safe partition key, or None when it can."""
+    if not key:
+        return "empty key"
+    for bad in _UNSAFE_KEY_SUBSTRINGS:
+        if bad in key:
+            return f"contains {bad!r}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "contains a control character"
+    if key != key.strip():
+        return "starts or ends with whitespace"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "has an empty, '.' or '..' path segment"
+    return None
+
+
+def key_for_relpath(relpath: str) -> str:
+    """Partition key for a shard path relative to the dataset root (raises UnsafeKeyError)."""
+    if relpath.lower().endswith(".tar"):
+        relpath = relpath[:-4]
+    problem = partition_key_problem(relpath)
+    if problem:
+        raise UnsafeKeyError(f"shard {relpath + '.tar'!r} cannot be a partition key: {problem}; rename it")
+    return relpath
+
+
+def fingerprint_of(info: dict[str, Any]) -> str:
+    """A change-detection token for an object: its etag/generation where the store has one,
+    else modification time and size."""
+    size = info.get("size")
+    for name in ("ETag", "etag", "generation", "md5Hash", "content_md5", "crc32c"):
+        value = info.get(name)
+        if value:
+            if isinstance(value, (bytes, bytearray)):
+                value = value.hex()
+            return f"{name.lower()}:{str(value).strip(chr(34))}:{size}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"mtime:{mtime}:{size}"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    key: str
+    path: str  # the fsspec path of the tar (no protocol)
+    url: str  # the same, protocol-qualified, for logs and manifests
+    size: int
+    fingerprint: str
+
+
+@dataclass
+class Listing:
+    shards: list[ShardInfo] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+
+def url_protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def _split_url(url: str, storage_options: dict[str, Any]):
+    import fsspec.core  # imported lazily: keeps `curator-assets index` start-up lean
+
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"{url}: cannot open this location: {exc}") from exc
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in LOCAL_PROTOCOLS
+
+
+class Dataset:
+    """A folder of shards plus where its indexes and outputs live.
+
+    ``url`` may also name one ``.tar`` file: the dataset is then that shard alone.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        index_url: str | None = None,
+        output_url: str | None = None,
+    ):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, path = _split_url(url, self.storage_options)
+        self.local = _is_local(self.fs)
+        path = path.rstrip("/") or "/"
+        self.single: str | None = None
+        if path.lower().endswith(".tar") and not self._isdir(path):
+            self.single = path
+            path = posixpath.dirname(path) or "/"
+        self.root = path
+        if index_url:
+            self.index_fs, self.index_root = _split_url(index_url, self._options_for(index_url))
+            self.index_root = self.index_root.rstrip("/")
+        else:
+            self.index_fs, self.index_root = self.fs, None
+        if output_url:
+            self.output_fs, self.output_root = _split_url(output_url, self._options_for(output_url))
+            self.output_root = self.output_root.rstrip("/")
+        else:
+            self.output_fs = self.index_fs
+            base = self.index_root if self.index_root is not None else self.root
+            self.output_root = posixpath.join(base, OUTPUT_DIRNAME)
+        self._paths: dict[str, str] = {}
+
+    def _options_for(self, url: str) -> dict[str, Any]:
+        # Credentials belong to the dataset's store; another store gets its own defaults.
+        return self.storage_options if url_protocol(url) == url_protocol(self.url) else {}
+
+    # -- naming ------------------------------------------------------------------------------
+
+    def _isdir(self, path: str) -> bool:
+        try:
+            return self.fs.isdir(path)
+        except Exception:  # noqa: BLE001 - any store error means "not a folder we can list"
+            return False
+
+    def url_of(self, path: str, fs=None) -> str:
+        fs = fs or self.fs
+        if _is_local(fs):
+            return path
+        return fs.unstrip_protocol(path)
+
+    def shard_path(self, key: str) -> str:
+        if key in self._paths:
+            return self._paths[key]
+        path = posixpath.join(self.root, key + ".tar")
+        if not self.fs.exists(path):
+            # The suffix may be in another case (00000.TAR): look in the folder once.
+            folder = posixpath.dirname(path)
+            for entry in self._ls(folder):
+                if entry.lower() == path.lower():
+                    path = entry
+                    break
+        self._paths[key] = path
+        return path
+
+    def index_path(self, key: str) -> str:
+        if self.index_root is not None:
+            return posixpath.join(self.index_root, key + ".idx")
+        shard = self.shard_path(key)
+        return shard[:-4] + ".idx"
+
+    def output_path(self, kind: str, key: str, suffix: str) -> str:
+        """Where a per-shard artifact lives: ``<output>/<kind>/<key><suffix>``."""
+        return posixpath.join(self.output_root, kind, key + suffix)
+
+    def _ls(self, folder: str) -> list[str]:
+        try:
+            return [e if isinstance(e, str) else e["name"] for e in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def list_shards(self) -> Listing:
+        """Every ``*.tar`` under the root (recursively), sorted by key.
+
+        Paths that cannot be partition keys, and hidden folders, are reported in ``rejected``
+        rather than failing the whole listing.
+        """
+        listing = Listing()
+        if self.single is not None:
+            entries = {self.single: self._info(self.single)}
+        else:
+            try:
+                if not self.fs.exists(self.root):
+                    raise StorageError(f"{self.url}: no such dataset folder")
+                entries = self.fs.find(self.root, detail=True, withdirs=False)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{self.url}: no such dataset folder") from exc
+            except PermissionError as exc:
+                raise StorageError(f"{self.url}: permission denied listing the dataset") from exc
+        prefix = self.root.rstrip("/") + "/"
+        seen: dict[str, str] = {}
+        for path, info in entries.items():
+            if not path.lower().endswith(".tar") or info.get("type", "file") != "file":
+                continue
+            rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+            parts = rel.split("/")
+            if any(p.startswith(".") for p in parts[:-1]) or parts[0] == OUTPUT_DIRNAME:
+                continue
+            try:
+                key = key_for_relpath(rel)
+            except UnsafeKeyError as exc:
+                listing.rejected.append((self.url_of(path), str(exc)))
+                continue
+            if key in seen:
+                listing.rejected.append(
+                    (self.url_of(path), f"shard key {key!r} is also used by {self.url_of(seen[key])}")
+                )
+                continue
+            seen[key] = path
+            self._paths[key] = path
+            listing.shards.append(
+                ShardInfo(key, path, self.url_of(path), int(info.get("size") or 0), fingerprint_of(info))
+            )
+        listing.shards.sort(key=lambda s: s.key)
+        return listing
+
+    def _info(self, path: str) -> dict[str, Any]:
+        try:
+            return self.fs.info(path)
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.url_of(path)}: no such shard") from exc
+
+    def shard(self, key: str) -> ShardInfo:
+        path = self.shard_path(key)
+        info = self._info(path)
+        return ShardInfo(key, path, self.url_of(path), int(info.get("size") or 0), fingerprint_of(info))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def open_shard(self, key: str, *, block_size: int | None = None) -> IO[bytes]:
+        """Open a shard for ranged reads (seek + read) or streaming."""
+        return self.open(self.shard_path(key), block_size=block_size)
+
+    def open(self, path: str, *, fs=None, block_size: int | None = None) -> IO[bytes]:
+        fs = fs or self.fs
+        if _is_local(fs):
+            return open(path, "rb")  # a real file descriptor: the tar scanner uses os.pread
+        kwargs: dict[str, Any] = {}
+        if block_size:
+            kwargs["block_size"] = block_size
+        return fs.open(path, "rb", **kwargs)
+
+    def read_index_bytes(self, key: str) -> bytes | None:
+        """The shard's ``.idx`` bytes, or None when there is none."""
+        path = self.index_path(key)
+        try:
+            return self.index_fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def index_info(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self.index_fs.info(self.index_path(key))
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, path: str, *, fs=None) -> bytes:
+        return (fs or self.fs).cat_file(path)
+
+    def exists(self, path: str, *, fs=None) -> bool:
+        return (fs or self.fs).exists(path)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write_index(self, key: str, data: bytes) -> str:
+        path = self.index_path(key)
+        write_atomic(self.index_fs, path, data)
+        return self.url_of(path, self.index_fs)
+
+    def write_output(self, kind: str, key: str, suffix: str, data: bytes) -> str:
+        path = self.output_path(kind, key, suffix)
+        write_atomic(self.output_fs, path, data)
+        return self.url_of(path, self.output_fs)
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see the old object or the new one, never half.
+
+    Local: a temp file in the same folder, fsync, then ``os.replace``. Object stores: one
+    PUT (``pipe_file``), which the stores make visible only once complete.
+    """
+    if _is_local(fs):
+        folder = os.path.dirname(path) or "."
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot write here: {exc.strerror or exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return
+    try:
+        fs.pipe_file(path, data)
+    except PermissionError as exc:
+        raise StorageError(f"{fs.unstrip_protocol(path)}: permission denied writing") from exc
+
+
+@contextmanager
+def opened(dataset: Dataset, key: str) -> Iterator[IO[bytes]]:
+    f = dataset.open_shard(key)
+    try:
+        yield f
+    finally:
+        f.close()

@@ -1,0 +1,522 @@
+"""Tar members and WebDataset records.
+
+One forward pass over the tar headers. On a seekable file the member payloads are never read:
+the scanner reads a 512-byte header, then seeks over the data. It understands ustar, GNU
+(``././@LongLink`` long names, base-256 sizes) and PAX (``x``/``g``) headers.
+
+This is a lean hand-written parser rather than :mod:`tarfile` because it is the hot path of
+indexing and validation: ``tarfile`` builds a full ``TarInfo`` per member and cannot report
+where and why an archive stops being valid. It still follows ``tarfile``'s rules for which
+member types carry data, so both always agree on offsets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, NamedTuple
+
+BLOCK = 512
+
+# Member types (the tar typeflag byte).
+REGULAR_TYPES = frozenset("0\x007")  # regular, old-style regular, contiguous
+LINK_TYPES = frozenset("12")
+NO_DATA_TYPES = frozenset("123456")  # tarfile skips no data for these, whatever the size says
+GNU_LONGNAME = "L"
+GNU_LONGLINK = "K"
+GNU_SPARSE = "S"
+PAX_HEADER = "x"
+PAX_GLOBAL = "g"
+PAX_SPARSE_KEYS = ("GNU.sparse.major", "GNU.sparse.size", "GNU.sparse.realsize", "GNU.sparse.map")
+
+TYPE_NAMES = {
+    "0": "file", "\x00": "file", "7": "contiguous file", "1": "hard link", "2": "symlink",
+    "3": "character device", "4": "block device", "5": "directory", "6": "fifo",
+    "S": "GNU sparse file", "V": "volume label", "M": "multi-volume continuation",
+    "D": "GNU dump directory",
+}
+
+
+class Member(NamedTuple):
+    """One tar member, as far as the headers describe it."""
+
+    name: str
+    header_offset: int  # offset of the member's first header (long-name/PAX headers included)
+    offset: int  # offset of the member's data, always a multiple of 512
+    size: int
+    type: str  # the typeflag character
+    sparse: bool = False
+
+    @property
+    def is_file(self) -> bool:
+        return self.type in REGULAR_TYPES and not self.sparse
+
+    @property
+    def type_name(self) -> str:
+        if self.sparse:
+            return "sparse file"
+        return TYPE_NAMES.get(self.type, f"type {self.type!r}")
+
+
+class TarProblem(NamedTuple):
+    """Why a scan stopped or what it had to skip. ``code`` is a stable validation code."""
+
+    code: str  # tar_truncated | tar_bad_header | tar_empty
+    offset: int
+    detail: str
+
+
+class TarError(ValueError):
+    """A shard that is not a readable tar."""
+
+    def __init__(self, problem: TarProblem, shard: str | None = None):
+        self.problem = problem
+        self.shard = shard
+        where = f"{shard}: " if shard else ""
+        super().__init__(f"{where}{problem.detail} (at byte {problem.offset}, {problem.code})")
+
+
+@dataclass
+class TarScan:
+    """The outcome of one pass over a tar: its members and anything that went wrong."""
+
+    members: list[Member] = field(default_factory=list)
+    problems: list[TarProblem] = field(default_factory=list)
+    end_offset: int = 0  # where the end-of-archive blocks start (or where reading stopped)
+    total_size: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Header fields
+
+
+def _nts(field_bytes: bytes) -> bytes:
+    """Null-terminated string field."""
+    end = field_bytes.find(b"\0")
+    return field_bytes if end < 0 else field_bytes[:end]
+
+
+def _number(field_bytes: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the high bit is set."""
+    if field_bytes and field_bytes[0] & 0x80:
+        value = int.from_bytes(field_bytes[1:], "big")
+        if field_bytes[0] == 0xFF:  # negative base-256
+            value -= 1 << (8 * (len(field_bytes) - 1))
+        return value
+    text = _nts(field_bytes).strip(b" \0")
+    if not text:
+        return 0
+    return int(text, 8)
+
+
+_CHKSUM_BLANK = b" " * 8
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = _number(header[148:156])
+    except ValueError:
+        return False
+    blanked = header[:148] + _CHKSUM_BLANK + header[156:]
+    unsigned = sum(blanked)
+    if stored == unsigned:
+        return True
+    # Some old tars sum signed bytes; tarfile accepts both.
+    signed = unsigned - 256 * sum(1 for b in blanked if b > 127)
+    return stored == signed
+
+
+def _decode_name(raw: bytes) -> str:
+    # tarfile's default for non-UTF-8 names keeps the bytes round-trippable.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """PAX extended header records: ``"<len> <key>=<value>\\n"``."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise ValueError("PAX record without a length")
+        length = int(data[pos:space])
+        if length <= 0 or pos + length > len(data):
+            raise ValueError("PAX record length out of range")
+        record = data[space + 1 : pos + length - 1]  # without the trailing newline
+        key, sep, value = record.partition(b"=")
+        if not sep:
+            raise ValueError("PAX record without '='")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: a lean positional reader for local files, seek/read for anything else.
+
+
+class _Reader:
+    """Reads blocks at absolute offsets; skips forward by seeking when it can."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self.f = fileobj
+        self.pos = 0
+        self.fd: int | None = None
+        try:
+            self.seekable = bool(fileobj.seekable())
+        except (AttributeError, OSError, ValueError):
+            self.seekable = False
+        if self.seekable:
+            try:
+                self.pos = fileobj.tell()
+            except (OSError, ValueError):
+                self.pos = 0
+            # os.pread on a real file descriptor: one syscall per header, no buffer churn.
+            try:
+                fd = fileobj.fileno()
+                os.fstat(fd)
+                self.fd = fd
+            except (AttributeError, OSError, ValueError):
+                self.fd = None
+
+    def size(self) -> int | None:
+        if self.fd is not None:
+            return os.fstat(self.fd).st_size
+        size = getattr(self.f, "size", None)
+        if isinstance(size, int):
+            return size
+        if self.seekable:
+            here = self.f.tell()
+            end = self.f.seek(0, os.SEEK_END)
+            self.f.seek(here)
+            return end
+        return None
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Read up to n bytes at offset (offset must be >= the current position if not seekable)."""
+        if self.fd is not None:
+            data = os.pread(self.fd, n, offset)
+            self.pos = offset + len(data)
+            return data
+        if self.seekable:
+            if offset != self.pos:
+                self.f.seek(offset)
+            data = self._read_fully(n)
+            self.pos = offset + len(data)
+            return data
+        # Stream: discard bytes up to offset, then read.
+        self._discard(offset - self.pos)
+        data = self._read_fully(n)
+        self.pos += len(data)
+        return data
+
+    def _read_fully(self, n: int) -> bytes:
+        chunks = []
+        remaining = n
+        while remaining > 0:
+            chunk = self.f.read(remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            chunk = self.f.read(min(n, 1 << 20))
+            if not chunk:
+                return
+            self.pos += len(chunk)
+            n -= len(chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan
+
+
+def _blocks(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def scan_members(
+    fileobj: BinaryIO,
+    *,
+    recover: bool = False,
+    total_size: int | None = None,
+) -> Iterator[Member | TarProblem]:
+    """Yield every member of a tar in order, and a :class:`TarProblem` where it is damaged.
+
+    Without ``recover`` the scan ends at the first problem. With it, a bad header makes the
+    scanner look for the next block that is a valid header, so members after a damaged spot
+    are still found (each skip is reported).
+    """
+    reader = _Reader(fileobj)
+    base = reader.pos
+    if total_size is None:
+        total_size = reader.size()
+        if total_size is not None:
+            total_size -= base
+    pos = 0  # relative to base
+    pending_name: str | None = None
+    pending_pax: dict[str, str] = {}
+    global_pax: dict[str, str] = {}
+    first_header: int | None = None
+    seen_any = False
+
+    while True:
+        header = reader.read_at(base + pos, BLOCK)
+        if len(header) < BLOCK:
+            if not header and not seen_any and pos == 0:
+                yield TarProblem("tar_truncated", pos, "file is empty (no tar end blocks)")
+            else:
+                what = "mid-header" if header else "without the two zero end-of-archive blocks"
+                yield TarProblem("tar_truncated", pos, f"archive ends {what}")
+            return
+        if header == b"\0" * BLOCK:
+            nxt = reader.read_at(base + pos + BLOCK, BLOCK)
+            if nxt == b"\0" * BLOCK:
+                if pending_name is not None or pending_pax:
+                    yield TarProblem("tar_bad_header", pos, "long-name/PAX header with no member after it")
+                return
+            if len(nxt) < BLOCK and not nxt:
+                # A single zero block then EOF: GNU tar and tarfile accept it; so do we.
+                return
+            if len(nxt) < BLOCK:
+                yield TarProblem("tar_truncated", pos, "archive ends inside the end-of-archive blocks")
+                return
+            # A lone zero block in the middle: tarfile stops here; report it so nothing hides.
+            yield TarProblem("tar_bad_header", pos, "zero block in the middle of the archive")
+            if not recover:
+                return
+            pos += BLOCK
+            continue
+
+        problem = _check_header(header)
+        if problem is not None:
+            if not seen_any and pos == 0:
+                detail = "not a tar archive (first header is invalid: " + problem + ")"
+            else:
+                detail = f"invalid header: {problem}"
+            yield TarProblem("tar_bad_header", pos, detail)
+            if not recover:
+                return
+            found = _resync(reader, base, pos + BLOCK, total_size)
+            if found is None:
+                return
+            pos = found
+            pending_name, pending_pax = None, {}
+            first_header = None
+            continue
+
+        seen_any = True
+        if first_header is None:
+            first_header = pos
+        typeflag = chr(header[156])
+        try:
+            size = _number(header[124:136])
+        except ValueError:
+            yield TarProblem("tar_bad_header", pos, "unreadable size field")
+            return
+        data_offset = pos + BLOCK
+
+        if typeflag in (GNU_LONGNAME, GNU_LONGLINK, PAX_HEADER, PAX_GLOBAL):
+            data = reader.read_at(base + data_offset, size)
+            if len(data) < size:
+                yield TarProblem("tar_truncated", data_offset, "archive ends inside an extended header")
+                return
+            if typeflag == GNU_LONGNAME:
+                pending_name = _decode_name(_nts(data))
+            elif typeflag == PAX_HEADER or typeflag == PAX_GLOBAL:
+                try:
+                    records = _parse_pax(data)
+                except ValueError as exc:
+                    yield TarProblem("tar_bad_header", pos, f"bad PAX header: {exc}")
+                    if not recover:
+                        return
+                    records = {}
+                if typeflag == PAX_HEADER:
+                    pending_pax.update(records)
+                else:
+                    global_pax.update(records)
+            pos = data_offset + _blocks(size)
+            continue
+
+        # A real member header.
+        pax = {**global_pax, **pending_pax} if global_pax else pending_pax
+        if pending_name is not None:
+            name = pending_name
+        elif "path" in pax:
+            name = pax["path"]
+        else:
+            raw = _nts(header[0:100])
+            if header[257:263] == b"ustar\x00":  # POSIX ustar: name may have a prefix
+                prefix = _nts(header[345:500])
+                if prefix:
+                    raw = prefix + b"/" + raw
+            name = _decode_name(raw)
+        if "size" in pax:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                yield TarProblem("tar_bad_header", pos, "bad PAX size")
+                return
+        sparse = typeflag == GNU_SPARSE or any(k in pax for k in PAX_SPARSE_KEYS)
+        # GNU old-style sparse headers may be followed by extension blocks.
+        ext_blocks = 0
+        if typeflag == GNU_SPARSE and header[482]:
+            ext_blocks = _gnu_sparse_ext_blocks(reader, base, data_offset)
+            data_offset += ext_blocks * BLOCK
+        if typeflag in NO_DATA_TYPES:
+            end = data_offset
+        else:
+            end = data_offset + _blocks(size)
+        if total_size is not None and typeflag not in NO_DATA_TYPES and data_offset + size > total_size:
+            yield Member(name, first_header, data_offset, size, typeflag, sparse)
+            yield TarProblem(
+                "tar_truncated", data_offset,
+                f"archive ends inside member {name!r} ({total_size - data_offset} of {size} bytes)",
+            )
+            return
+        yield Member(name, first_header, data_offset, size, typeflag, sparse)
+        pending_name, pending_pax, first_header = None, {}, None
+        pos = end
+
+
+def _gnu_sparse_ext_blocks(reader: _Reader, base: int, offset: int) -> int:
+    count = 0
+    while True:
+        block = reader.read_at(base + offset + count * BLOCK, BLOCK)
+        count += 1
+        if len(block) < BLOCK or not block[504]:
+            return count
+
+
+def _check_header(header: bytes) -> str | None:
+    """None if the block is a plausible tar header, else why not."""
+    if not _checksum_ok(header):
+        return "checksum mismatch"
+    magic = header[257:263]
+    # Pre-POSIX (v7) headers have an empty magic field; anything else is not a tar header.
+    if magic not in (b"ustar\x00", b"ustar ") and magic != b"\0" * 6:
+        return f"unknown format magic {magic!r}"
+    return None
+
+
+def _resync(reader: _Reader, base: int, start: int, total_size: int | None) -> int | None:
+    """Find the next block at or after ``start`` that is a valid header."""
+    pos = start
+    window = 64 * BLOCK
+    while total_size is None or pos < total_size:
+        chunk = reader.read_at(base + pos, window)
+        if not chunk:
+            return None
+        for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
+            block = chunk[i : i + BLOCK]
+            if block[257:262] == b"ustar" and _check_header(block) is None:
+                return pos + i
+        if len(chunk) < window:
+            return None
+        pos += window
+    return None
+
+
+def scan_tar(fileobj: BinaryIO, *, recover: bool = False, total_size: int | None = None) -> TarScan:
+    """Scan a whole tar into a :class:`TarScan` (members plus problems)."""
+    scan = TarScan()
+    last_end = 0
+    for item in scan_members(fileobj, recover=recover, total_size=total_size):
+        if isinstance(item, Member):
+            scan.members.append(item)
+            last_end = item.offset + (0 if item.type in NO_DATA_TYPES else _blocks(item.size))
+        else:
+            scan.problems.append(item)
+    scan.end_offset = last_end
+    scan.total_size = total_size
+    return scan
+
+
+def read_members(fileobj: BinaryIO, shard: str | None = None) -> list[Member]:
+    """All members of a valid tar; raises :class:`TarError` at the first problem."""
+    members = []
+    for item in scan_members(fileobj):
+        if isinstance(item, TarProblem):
+            raise TarError(item, shard)
+        members.append(item)
+    return members
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset key and extension: the key runs to the FIRST dot of the basename.
+
+    ``a/b.c/000031.seg.jpg`` -> (``a/b.c/000031``, ``seg.jpg``). No dot: (name, "").
+    """
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+def is_component(member: Member) -> bool:
+    """Whether a member belongs to a record: a regular file with a key and an extension,
+    whose basename does not start with a dot."""
+    if not member.is_file:
+        return False
+    name = member.name
+    slash = name.rfind("/")
+    base = name[slash + 1 :]
+    return bool(base) and base[0] != "." and "." in base
+
+
+@dataclass
+class Record:
+    """A WebDataset record: consecutive component members that share a key."""
+
+    key: str
+    components: list[tuple[str, Member]]  # (extension, member), in tar order
+
+    def get(self, ext: str, *, case_sensitive: bool = True) -> Member | None:
+        for e, m in self.components:
+            if e == ext or (not case_sensitive and e.lower() == ext.lower()):
+                return m
+        return None
+
+    @property
+    def extensions(self) -> list[str]:
+        return [e for e, _ in self.components]
+
+
+def group_records(members: Iterable[Member]) -> list[Record]:
+    """Group component members into records by the WebDataset key rule.
+
+    Only *consecutive* members with the same key form one record, exactly as DALI and the
+    webdataset library read a tar; a key that reappears later starts a new record.
+    """
+    records: list[Record] = []
+    last_key: str | None = None
+    for m in members:
+        if not is_component(m):
+            continue
+        key, ext = split_key(m.name)
+        if key == last_key:
+            records[-1].components.append((ext, m))
+        else:
+            records.append(Record(key, [(ext, m)]))
+            last_key = key
+    return records
+
+
+def open_records(fileobj: BinaryIO, shard: str | None = None) -> list[Record]:
+    """Records of a valid tar (raises :class:`TarError` on a damaged one)."""
+    return group_records(read_members(fileobj, shard))
