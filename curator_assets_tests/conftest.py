@@ -1,0 +1,48 @@
+"""Shared fixtures: small real shards (real photos from scikit-image / scikit-learn) in a temp dir."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+from curator_assets.demo import PhotoRecord, photo_records, write_shard
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[PhotoRecord]:
+    """40 distinct real-photo JPEG records (crops of the bundled photos), 160x120."""
+    return list(photo_records(40, seed=7, size=(160, 120)))
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes, **attrs) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 1_700_000_000
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_members(path: Path, members: Iterable[tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> Path:
+    """A tar with exactly these (name, data) members, in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+    return path
+
+
+@pytest.fixture
+def make_shard(tmp_path: Path, photos: list[PhotoRecord]) -> Callable[..., Path]:
+    """make_shard(name="00000.tar", n=10, fmt=GNU) -> path of a shard of n photo records."""
+
+    def make(name: str = "00000.tar", n: int = 10, fmt: int = tarfile.GNU_FORMAT, folder: Path | None = None) -> Path:
+        path = (folder or tmp_path / "dataset") / name
+        write_shard(path, photos[:n], fmt=fmt)
+        return path
+
+    return make
