@@ -367,6 +367,8 @@ def scan_members(
             except ValueError:
                 yield TarProblem("tar_bad_header", pos, "bad PAX size")
                 return
+        if typeflag == "5" and len(name) > 1:
+            name = name.rstrip("/")  # as tarfile reports directories
         sparse = typeflag == GNU_SPARSE or any(k in pax for k in PAX_SPARSE_KEYS)
         # GNU old-style sparse headers may be followed by extension blocks.
         ext_blocks = 0

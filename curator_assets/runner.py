@@ -1,0 +1,135 @@
+"""``curator-assets run``: the whole per-shard pipeline through Dagster, in-process.
+
+Discovery is the same code the sensor runs (list the dataset, add partitions); then the
+``shard_pipeline`` job runs once per shard. A shard that fails does not stop the others.
+The instance is ``$DAGSTER_HOME`` when set (so the UI shows these runs and indexes are reused
+across invocations), otherwise an ephemeral one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ShardOutcome:
+    key: str
+    ok: bool
+    seconds: float
+    assets: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset name -> metadata
+    checks: dict[str, bool] = field(default_factory=dict)  # check name -> passed
+    errors: list[str] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    value = getattr(value, "value", value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _summary(name: str, md: dict[str, Any]) -> str:
+    if name == "shard_index":
+        return f"index {'reused' if md.get('reused') else 'built'} ({md.get('records')} records)"
+    if name == "shard_validation":
+        return f"validation {md.get('errors', 0)} errors, {md.get('warnings', 0)} warnings"
+    if name == "decoded_images":
+        return f"decoded {md.get('decoded')}/{md.get('records')} on {md.get('device')}"
+    shown = ", ".join(f"{k}={v}" for k, v in list(md.items())[:3])
+    return f"{name} ({shown})"
+
+
+def run_pipeline(
+    path: str,
+    *,
+    index_url: str | None = None,
+    output_url: str | None = None,
+    as_json: bool = False,
+    out=None,
+) -> int:
+    import dagster as dg
+
+    from curator_assets.defs.partitions import shards
+    from curator_assets.defs.resources import storage_from_env
+    from curator_assets.definitions import build_definitions
+    from curator_assets.storage import StorageError
+
+    out = out or sys.stdout
+    storage = storage_from_env(dataset_url=path)
+    updates = {k: v for k, v in {"index_url": index_url, "output_url": output_url}.items() if v}
+    if updates:
+        storage = storage.model_copy(update=updates)
+    try:
+        listing = storage.dataset().list_shards()
+    except StorageError as exc:
+        print(f"curator-assets: {exc}", file=sys.stderr)
+        return 1
+    for bad_path, why in listing.rejected:
+        print(f"curator-assets: skipping {bad_path}: {why}", file=sys.stderr)
+    if not listing.shards:
+        print(f"curator-assets: {path}: no .tar shards found", file=sys.stderr)
+        return 1
+
+    defs = build_definitions(storage)
+    job = defs.resolve_job_def("shard_pipeline")
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    keys = [s.key for s in listing.shards]
+    existing = set(instance.get_dynamic_partitions(shards.name))
+    missing = [k for k in keys if k not in existing]
+    if missing:
+        instance.add_dynamic_partitions(shards.name, missing)
+
+    # Dagster's per-event console logging would drown the summary; errors still surface below.
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    outcomes = []
+    for key in keys:
+        start = time.perf_counter()
+        result = job.execute_in_process(
+            partition_key=key,
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            tags={"curator/reason": "curator-assets run"},
+        )
+        outcome = ShardOutcome(key, result.success, time.perf_counter() - start)
+        for event in result.all_events:
+            if event.is_step_materialization:
+                mat = event.step_materialization_data.materialization
+                outcome.assets[mat.asset_key.to_user_string()] = {k: _plain(v) for k, v in mat.metadata.items()}
+            elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+                evaluation = event.event_specific_data
+                outcome.checks[evaluation.check_name] = bool(evaluation.passed)
+            elif event.is_step_failure:
+                err = event.step_failure_data.error
+                msg = (err.message if err else event.message or "step failed").strip().splitlines()[0]
+                outcome.errors.append(f"{event.step_key}: {msg}")
+        if outcome.checks and not all(outcome.checks.values()):
+            outcome.ok = False
+        outcomes.append(outcome)
+        _print_outcome(outcome, as_json, out)
+
+    failed = [o.key for o in outcomes if not o.ok]
+    if not as_json:
+        print(
+            f"{len(outcomes)} shard(s): {len(outcomes) - len(failed)} ok, {len(failed)} failed"
+            + (f" ({', '.join(failed)})" if failed else ""),
+            file=out,
+        )
+    return 1 if failed or listing.rejected else 0
+
+
+def _print_outcome(o: ShardOutcome, as_json: bool, out) -> None:
+    if as_json:
+        print(json.dumps({"shard": o.key, "ok": o.ok, "seconds": round(o.seconds, 3), "assets": o.assets,
+                          "checks": o.checks, "errors": o.errors}, default=str), file=out, flush=True)
+        return
+    parts = [_summary(name, md) for name, md in o.assets.items()]
+    parts += [f"check {name} {'passed' if passed else 'FAILED'}" for name, passed in o.checks.items()]
+    parts += [f"ERROR {e}" for e in o.errors]
+    print(f"{o.key}: {'ok' if o.ok else 'FAILED'} in {o.seconds:.1f}s | " + " | ".join(parts), file=out, flush=True)
