@@ -268,13 +268,13 @@ class Dataset:
         path = self.index_path(key)
         try:
             return self.index_fs.cat_file(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def index_info(self, key: str) -> dict[str, Any] | None:
         try:
             return self.index_fs.info(self.index_path(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def read_bytes(self, path: str, *, fs=None) -> bytes:

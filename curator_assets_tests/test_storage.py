@@ -1,0 +1,140 @@
+"""Local-disk behaviour of the dataset storage: keys, listing, fingerprints, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from curator_assets.index import ensure_index, parse_index
+from curator_assets.storage import Dataset, StorageError, UnsafeKeyError, key_for_relpath, write_atomic
+
+
+def test_keys_recursive_any_case(tmp_path: Path, make_shard) -> None:
+    root = tmp_path / "dataset"
+    make_shard("00000.tar", n=2)
+    make_shard("part-a/00001.tar", n=2)
+    make_shard("part-b/deep/00002.TAR", n=2)
+    (root / "notes.txt").write_text("not a shard")
+    (root / ".cache").mkdir()
+    make_shard(".cache/00009.tar", n=1)
+    listing = Dataset(str(root)).list_shards()
+    assert [s.key for s in listing.shards] == ["00000", "part-a/00001", "part-b/deep/00002"]
+    assert listing.rejected == []
+    sizes = {s.key: s.size for s in listing.shards}
+    assert sizes["part-a/00001"] == (root / "part-a/00001.tar").stat().st_size
+    # file:// URLs name the same shards
+    assert [s.key for s in Dataset(f"file://{root}").list_shards().shards] == [s.key for s in listing.shards]
+
+
+def test_unsafe_keys_are_rejected_by_name(tmp_path: Path, make_shard) -> None:
+    make_shard("good.tar", n=1)
+    make_shard("bad,name.tar", n=1)
+    make_shard("range...x.tar", n=1)
+    listing = Dataset(str(tmp_path / "dataset")).list_shards()
+    assert [s.key for s in listing.shards] == ["good"]
+    reasons = " ".join(why for _, why in listing.rejected)
+    assert "bad,name.tar" in reasons and "range...x.tar" in reasons
+    with pytest.raises(UnsafeKeyError, match="bad,name"):
+        key_for_relpath("bad,name.tar")
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="no such dataset folder"):
+        Dataset(str(tmp_path / "nope")).list_shards()
+
+
+def test_fingerprint_changes_when_the_shard_changes(tmp_path: Path, make_shard) -> None:
+    path = make_shard(n=3)
+    ds = Dataset(str(path.parent))
+    before = ds.shard("00000").fingerprint
+    assert before == ds.list_shards().shards[0].fingerprint
+    data = path.read_bytes()
+    path.write_bytes(data + b"\0" * 1024)
+    later = time.time() + 5
+    os.utime(path, (later, later))
+    assert ds.shard("00000").fingerprint != before
+
+
+def test_single_tar_url(tmp_path: Path, make_shard) -> None:
+    path = make_shard("x/00007.tar", n=2)
+    make_shard("x/00008.tar", n=2)
+    ds = Dataset(str(path))
+    assert [s.key for s in ds.list_shards().shards] == ["00007"]
+    assert ds.index_path("00007") == str(path.with_suffix(".idx"))
+
+
+def test_separate_index_location(tmp_path: Path, make_shard) -> None:
+    path = make_shard("part/00000.tar", n=4)
+    idx_root = tmp_path / "indexes"
+    ds = Dataset(str(tmp_path / "dataset"), index_url=str(idx_root))
+    result = ensure_index(ds, "part/00000")
+    assert Path(result.index_url) == idx_root / "part" / "00000.idx"
+    assert not path.with_suffix(".idx").exists()
+    assert len(parse_index((idx_root / "part" / "00000.idx").read_bytes())) == 4
+    assert ds.output_path("manifests", "part/00000", ".parquet").startswith(str(idx_root / "_curator"))
+
+
+def test_index_reuse_and_refresh(tmp_path: Path, make_shard, photos) -> None:
+    path = make_shard(n=5)
+    ds = Dataset(str(path.parent))
+    first = ensure_index(ds, "00000")
+    assert not first.reused and first.records == 5
+    second = ensure_index(ds, "00000")
+    assert second.reused
+    third = ensure_index(ds, "00000", previous={"tar_fingerprint": second.tar_fingerprint,
+                                                   "index_fingerprint": second.index_fingerprint})
+    assert third.reused
+    # Rewrite the shard with a different record count: the index is stale and rebuilt.
+    from curator_assets.demo import write_shard
+
+    write_shard(path, photos[:7])
+    later = time.time() + 10
+    os.utime(path, (later, later))
+    fourth = ensure_index(ds, "00000", previous={"tar_fingerprint": second.tar_fingerprint,
+                                                    "index_fingerprint": second.index_fingerprint})
+    assert not fourth.reused and fourth.records == 7
+    assert ensure_index(ds, "00000", force=True).reused is False
+
+
+def test_stale_index_newer_than_tar_is_caught_by_spot_check(tmp_path: Path, make_shard, photos) -> None:
+    a = make_shard("a.tar", n=5)
+    b = make_shard("b.tar", n=5, folder=tmp_path / "other")
+    ds_b = Dataset(str(b.parent))
+    ensure_index(ds_b, "b")
+    # Give shard a the index of another shard (newer than a): must not be reused.
+    b.with_suffix(".idx").replace(a.with_suffix(".idx"))
+    from curator_assets.demo import write_shard
+
+    write_shard(a, photos[10:15])
+    old = time.time() - 100
+    os.utime(a, (old, old))
+    result = ensure_index(Dataset(str(a.parent)), "a")
+    assert not result.reused
+
+
+def test_write_atomic_leaves_old_or_new(tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "out" / "f.bin"
+    write_atomic(fs, str(target), b"old")
+
+    # A failure while writing (here: a non-bytes payload) leaves the old file and no temp file.
+    with pytest.raises(TypeError):
+        write_atomic(fs, str(target), object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["f.bin"]
+    write_atomic(fs, str(target), b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_unwritable_index_location(tmp_path: Path, make_shard) -> None:
+    make_shard(n=2)
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    ds = Dataset(str(tmp_path / "dataset"), index_url=str(blocker / "idx"))
+    with pytest.raises(StorageError, match="cannot write"):
+        ensure_index(ds, "00000")
