@@ -65,8 +65,9 @@ class ShardIndex:
 
 def _check_field(value: str, what: str, member: str) -> None:
     # The format is space-separated: any whitespace in a field would shift every field after it.
-    if not value or any(c.isspace() for c in value):
-        shown = "empty" if not value else "contains whitespace"
+    # str.isprintable() is False for every whitespace character but the ASCII space.
+    if not value or " " in value or not value.isprintable():
+        shown = "empty" if not value else "contains whitespace or a control character"
         raise IndexFormatError(
             f"member {member!r}: its {what} {shown}, which the .idx format cannot hold; "
             "rename it inside the tar"
@@ -79,9 +80,11 @@ def format_index(records: Iterable[Record]) -> str:
     for record in records:
         parts = []
         for ext, m in record.components:
-            _check_field(ext, "extension", m.name)
-            _check_field(m.name, "name", m.name)
-            parts.append(f"{ext} {m.offset} {m.size} {m.name}")
+            name = m.name
+            if " " in name or not name.isprintable():
+                _check_field(ext, "extension", name)
+                _check_field(name, "name", name)
+            parts.append(f"{ext} {m.offset} {m.size} {name}")
         lines.append(" ".join(parts))
     if not lines:
         raise IndexFormatError("the shard has no records to index")
