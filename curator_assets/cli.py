@@ -16,6 +16,18 @@ def _err(msg: str) -> None:
     print(f"curator-assets: {msg}", file=sys.stderr)
 
 
+def storage_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value); a VALUE that reads as JSON (true, 3, {...}) is decoded,
+    anything else stays a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: str | None = None,
                  storage_options: dict | None = None) -> Iterator[tuple[object, str | None, str | None]]:
     """For each PATH_OR_URL: (dataset, key, error). A folder yields every shard under it; a
@@ -29,7 +41,7 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
         except (StorageError, OSError, ValueError) as exc:
             yield None, None, f"{path}: {exc}" if path not in str(exc) else str(exc)
             continue
-        for shard_path, why in listing.rejected:
+        for _shard_path, why in listing.rejected:
             yield None, None, why
         if not listing.shards and not listing.rejected:
             yield None, None, f"{path}: no .tar shards found"
@@ -37,37 +49,65 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
             yield dataset, shard.key, None
 
 
-def cmd_index(args: argparse.Namespace) -> int:
+def _index_row(target: tuple[object, str, bool]) -> dict:
+    """Index one shard; the CLI's row for it (errors included, never raised)."""
     from curator_assets.index import IndexFormatError, ensure_index
     from curator_assets.storage import StorageError
     from curator_assets.tar_members import TarError
 
+    dataset, key, force = target
+    try:
+        r = ensure_index(dataset, key, force=force)
+    except (TarError, IndexFormatError, StorageError, OSError) as exc:
+        try:
+            shard_url = dataset.url_of(dataset.shard_path(key))
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
+            shard_url = key
+        msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
+        return {"shard": shard_url, "key": key, "ok": False, "error": msg}
+    return {
+        "shard": r.shard_url, "key": r.key, "ok": True, "index": r.index_url, "records": r.records,
+        "members": r.members, "bytes": r.bytes, "seconds": round(r.seconds, 6), "reused": r.reused,
+    }
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import os
+
     failures = 0
-    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir):
+    targets = []
+    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir,
+                                            storage_options=dict(args.storage_options or [])):
         if error:
             failures += 1
             _err(error)
             if args.json:
                 print(json.dumps({"shard": None, "ok": False, "error": error}), flush=True)
             continue
-        try:
-            r = ensure_index(dataset, key, force=args.force)
-        except (TarError, IndexFormatError, StorageError, OSError) as exc:
+        targets.append((dataset, key, args.force))
+
+    # Local shards are CPU-bound header scans: one process per core. Remote stores keep one
+    # process (their clients hold event-loop threads that must not be forked).
+    local = all(getattr(d, "local", False) and getattr(d, "index_fs", None) is getattr(d, "fs", None)
+                or getattr(d.index_fs, "protocol", None) == ("file", "local") for d, _, _ in targets)
+    workers = args.workers or (os.cpu_count() or 1)
+    if not local:
+        workers = 1
+    from curator_assets.parallel import ordered_map
+
+    for row in ordered_map(_index_row, targets, workers):
+        if not row.get("ok"):
             failures += 1
-            shard_url = dataset.url_of(dataset.shard_path(key))
-            msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
-            _err(msg)
+            _err(row.get("error", "unknown error"))
             if args.json:
-                print(json.dumps({"shard": shard_url, "key": key, "ok": False, "error": msg}), flush=True)
+                print(json.dumps(row), flush=True)
             continue
         if args.json:
-            print(json.dumps({
-                "shard": r.shard_url, "key": r.key, "ok": True, "index": r.index_url, "records": r.records,
-                "members": r.members, "bytes": r.bytes, "seconds": round(r.seconds, 6), "reused": r.reused,
-            }), flush=True)
+            print(json.dumps(row), flush=True)
         else:
-            verb = "up to date" if r.reused else "indexed"
-            print(f"{r.shard_url}: {verb} -> {r.index_url} ({r.records} records, {r.members} members)")
+            verb = "up to date" if row["reused"] else "indexed"
+            print(f"{row['shard']}: {verb} -> {row['index']} ({row['records']} records, {row['members']} members)",
+                  flush=True)
     return 1 if failures else 0
 
 
@@ -97,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="write a DALI .idx (wds2idx v1.2) for each shard")
     p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
     p.add_argument("--index-dir", metavar="URL", help="write indexes here instead of beside the tars")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable; "
+                   "pass secrets through the environment instead)")
     p.add_argument("--force", action="store_true", help="rebuild indexes that are up to date")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes for local shards (default: one per core)")
     p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
     p.set_defaults(func=cmd_index)
 

@@ -107,7 +107,9 @@ def write_shard(path: str | os.PathLike, records: list[PhotoRecord], *, fmt: int
     os.replace(tmp, path)
 
 
-def build_demo(folder: str | os.PathLike, *, shards: int = 4, records_per_shard: int = 250, seed: int = 0) -> list[Path]:
+def build_demo(
+    folder: str | os.PathLike, *, shards: int = 4, records_per_shard: int = 250, seed: int = 0
+) -> list[Path]:
     """Build the demo dataset in ``folder``: ``00000.tar`` .. with real photos. Returns the shards."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

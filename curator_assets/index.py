@@ -13,7 +13,7 @@ points at the long-name header instead of the data) ours is correct.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from curator_assets.tar_members import Member, Record, split_key
 
@@ -39,8 +39,7 @@ class IndexComponent(tuple):
     name = property(lambda self: self[3])
 
 
-@dataclass(frozen=True)
-class IndexRecord:
+class IndexRecord(NamedTuple):
     components: tuple[IndexComponent, ...]
 
     @property
@@ -50,10 +49,18 @@ class IndexRecord:
         return None if name is None else split_key(name)[0]
 
 
-@dataclass(frozen=True)
 class ShardIndex:
-    version: str
-    records: tuple[IndexRecord, ...]
+    __slots__ = ("version", "records")
+
+    def __init__(self, version: str, records: tuple[IndexRecord, ...]):
+        self.version = version
+        self.records = records
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShardIndex) and (self.version, self.records) == (other.version, other.records)
+
+    def __repr__(self) -> str:
+        return f"ShardIndex({self.version}, {len(self.records)} records)"
 
     @property
     def has_names(self) -> bool:
@@ -138,12 +145,12 @@ def index_matches_members(index: ShardIndex, records: list[Record]) -> list[str]
     diffs: list[str] = []
     if len(index.records) != len(records):
         diffs.append(f"index has {len(index.records)} records, tar has {len(records)}")
-    for n, (irec, rec) in enumerate(zip(index.records, records)):
+    for n, (irec, rec) in enumerate(zip(index.records, records, strict=False)):
         if len(irec.components) != len(rec.components):
             diffs.append(f"record {n} ({rec.key}): {len(irec.components)} components in index, "
                          f"{len(rec.components)} in tar")
             continue
-        for comp, (ext, m) in zip(irec.components, rec.components):
+        for comp, (ext, m) in zip(irec.components, rec.components, strict=False):
             if comp.ext != ext or comp.offset != m.offset or comp.size != m.size or (
                 comp.name is not None and comp.name != m.name
             ):
@@ -171,8 +178,7 @@ def members_of_index(index: ShardIndex) -> list[Member]:
 # Building an index for a shard of a dataset
 
 
-@dataclass
-class IndexResult:
+class IndexResult(NamedTuple):
     key: str
     shard_url: str
     index_url: str
@@ -188,7 +194,7 @@ class IndexResult:
 def _spot_check(f, index: ShardIndex, shard_size: int) -> bool:
     """Cheap freshness check of an existing index: the first, middle and last components must
     sit inside the tar and be preceded by a header that agrees on size (and short names)."""
-    from curator_assets.tar_members import _number, _nts
+    from curator_assets.tar_members import _nts, _number
 
     comps = [c for r in index.records for c in r.components]
     if not comps:

@@ -55,9 +55,9 @@ def run_pipeline(
 ) -> int:
     import dagster as dg
 
+    from curator_assets.definitions import build_definitions
     from curator_assets.defs.partitions import shards
     from curator_assets.defs.resources import storage_from_env
-    from curator_assets.definitions import build_definitions
     from curator_assets.storage import StorageError
 
     out = out or sys.stdout

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 # Characters and substrings that break Dagster partition selection or the UI.
 _UNSAFE_KEY_SUBSTRINGS = ("...", ",", "|", "[", "]")
@@ -72,8 +70,7 @@ def fingerprint_of(info: dict[str, Any]) -> str:
     return f"mtime:{mtime}:{size}"
 
 
-@dataclass(frozen=True)
-class ShardInfo:
+class ShardInfo(NamedTuple):
     key: str
     path: str  # the fsspec path of the tar (no protocol)
     url: str  # the same, protocol-qualified, for logs and manifests
@@ -81,10 +78,12 @@ class ShardInfo:
     fingerprint: str
 
 
-@dataclass
 class Listing:
-    shards: list[ShardInfo] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    __slots__ = ("shards", "rejected")
+
+    def __init__(self, shards: list[ShardInfo] | None = None, rejected: list[tuple[str, str]] | None = None):
+        self.shards = shards if shards is not None else []
+        self.rejected = rejected if rejected is not None else []  # (path, why)
 
 
 def url_protocol(url: str) -> str:
@@ -186,6 +185,15 @@ def _is_local(fs) -> bool:
     return protocol in LOCAL_PROTOCOLS
 
 
+def _fresh_info(fs, path: str) -> dict[str, Any]:
+    # fsspec shares filesystem instances and answers info() from cached folder listings: without
+    # this, a long-lived process (the sensor's daemon) would keep seeing a rewritten object's old etag.
+    if not _is_local(fs):
+        fs.invalidate_cache(path)
+        fs.invalidate_cache(posixpath.dirname(path))  # adlfs drops only the exact path, not its folder
+    return fs.info(path)
+
+
 class Dataset:
     """A folder of shards plus where its indexes and outputs live.
 
@@ -284,6 +292,8 @@ class Dataset:
             entries = {self.single: self._info(self.single)}
         else:
             try:
+                if not self.local:
+                    self.fs.invalidate_cache()  # list what is there now, not a cached listing
                 if not self.fs.exists(self.root):
                     raise StorageError(f"{self.url}: no such dataset folder")
                 entries = self.fs.find(self.root, detail=True, withdirs=False)
@@ -291,6 +301,11 @@ class Dataset:
                 raise StorageError(f"{self.url}: no such dataset folder") from exc
             except PermissionError as exc:
                 raise StorageError(f"{self.url}: permission denied listing the dataset") from exc
+            except StorageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - stores raise their own types (azure.core's HttpResponseError)
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise StorageError(f"{self.url}: cannot list the dataset: {first_line}") from exc
         prefix = self.root.rstrip("/") + "/"
         seen: dict[str, str] = {}
         for path, info in entries.items():
@@ -320,7 +335,7 @@ class Dataset:
 
     def _info(self, path: str) -> dict[str, Any]:
         try:
-            return self.fs.info(path)
+            return _fresh_info(self.fs, path)
         except FileNotFoundError as exc:
             raise StorageError(f"{self.url_of(path)}: no such shard") from exc
 
@@ -354,7 +369,7 @@ class Dataset:
 
     def index_info(self, key: str) -> dict[str, Any] | None:
         try:
-            return self.index_fs.info(self.index_path(key))
+            return _fresh_info(self.index_fs, self.index_path(key))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -387,7 +402,9 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         folder = os.path.dirname(path) or "."
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+            # A unique hidden name beside the target (os.open with O_EXCL; tempfile costs start-up time).
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise StorageError(f"{path}: cannot write here: {exc.strerror or exc}") from exc
         try:

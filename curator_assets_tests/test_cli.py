@@ -75,8 +75,8 @@ def test_missing_path_no_shards_unwritable(tmp_path: Path, make_shard) -> None:
 
 def test_index_does_not_import_dagster(tmp_path: Path, make_shard) -> None:
     make_shard(n=1)
-    code = ("import sys; from curator_assets.cli import main; rc = main(['index', %r]); "
-            "print('dagster' in sys.modules, 'pyarrow' in sys.modules)" % str(tmp_path / "dataset"))
+    code = ("import sys; from curator_assets.cli import main; rc = main(['index', {!r}]); "
+            "print('dagster' in sys.modules, 'pyarrow' in sys.modules)".format(str(tmp_path / "dataset")))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip().splitlines()[-1] == "False False"
 

@@ -181,7 +181,7 @@ def test_dali_reads_our_index_byte_for_byte(tmp_path: Path, photos, fmt: str) ->
                 by_key[key] = {}
             by_key[key][ext] = t.extractfile(m).read()
     assert len(samples) == len(order)
-    for (source, payloads), key in zip(samples, order):
+    for (source, payloads), key in zip(samples, order, strict=False):
         assert source.startswith(str(tar))
-        for ext, payload in zip(exts, payloads):
+        for ext, payload in zip(exts, payloads, strict=False):
             assert payload == by_key[key].get(ext, b""), (key, ext)

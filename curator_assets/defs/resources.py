@@ -1,7 +1,5 @@
 """The storage resource: a dataset URL plus credentials, turned into a core ``Dataset``."""
 
-from __future__ import annotations
-
 import os
 from typing import Any
 
@@ -26,7 +24,9 @@ class ShardStorage(dg.ConfigurableResource):
 
     dataset_url: str = Field(description="Folder of *.tar shards (or one .tar).")
     index_url: str | None = Field(default=None, description="Separate folder for .idx files (read-only datasets).")
-    output_url: str | None = Field(default=None, description="Folder for reports and manifests (default: <index or dataset>/_curator).")
+    output_url: str | None = Field(
+        default=None, description="Folder for reports and manifests (default: <index or dataset>/_curator)."
+    )
     endpoint_url: str | None = Field(default=None, description="S3/GCS endpoint, e.g. a local emulator.")
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
