@@ -4,6 +4,7 @@
 import base64
 import hashlib
 import json
+import os
 import zlib
 
 import dagster as dg
@@ -35,7 +36,7 @@ def decode_cursor(cursor: str | None) -> dict[str, str]:
 
 @dg.sensor(
     job=shard_pipeline,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=int(os.environ.get("CURATOR_SENSOR_INTERVAL", "30")),
     description="Lists the dataset; adds new shards as partitions and runs the shard pipeline on new or changed ones.",
 )
 def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> dg.SensorResult | dg.SkipReason:

@@ -1,0 +1,120 @@
+"""End to end as a user sees it: `dagster dev` (webserver + daemon) with a real instance. The
+sensor is switched on through the webserver's GraphQL API, picks up the shards, and the daemon
+runs the shard pipeline for each one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+LOCATION = "curator_assets.definitions"
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gql(url: str, query: str, variables: dict | None = None) -> dict:
+    r = requests.post(url, json={"query": query, "variables": variables or {}}, timeout=30)
+    r.raise_for_status()
+    body = r.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+RUNS = """{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"""
+START_SENSOR = """mutation($sel: SensorSelector!) { startSensor(sensorSelector: $sel) {
+  __typename ... on Sensor { sensorState { status } } ... on PythonError { message } } }"""
+ASSETS = """{ assetNodes { assetKey { path } groupName kinds } }"""
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path, make_shard):
+    make_shard("00000.tar", n=4)
+    make_shard("part-a/00001.tar", n=3)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(tmp_path / "dataset"),
+           "CURATOR_SENSOR_INTERVAL": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+    log = open(tmp_path / "dagster-dev.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/graphql"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/server_info", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError("dagster dev exited:\n" + (tmp_path / "dagster-dev.log").read_text()[-3000:])
+        time.sleep(1)
+    else:
+        raise AssertionError("dagster dev did not answer in 180 s")
+    try:
+        yield url, tmp_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def failures(home: Path) -> str:
+    """The step failures recorded in the instance, for a readable assertion message."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(home))) as instance:
+        out = []
+        for run in instance.get_runs():
+            for event in instance.all_logs(run.run_id):
+                if event.dagster_event and event.dagster_event.is_step_failure:
+                    err = event.dagster_event.step_failure_data.error
+                    out.append(f"{run.tags.get('dagster/partition')}: {event.step_key}: {err.message if err else ''}")
+        return "\n".join(out)
+
+
+def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
+    url, tmp_path = dagster_dev
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in gql(url, ASSETS)["assetNodes"]}
+    assert "shard_index" in nodes and nodes["shard_index"]["groupName"] == "shards"
+
+    sel = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__", "sensorName": "shard_sensor"}
+    started = gql(url, START_SENSOR, {"sel": sel})["startSensor"]
+    assert started["__typename"] == "Sensor", started
+    assert started["sensorState"]["status"] == "RUNNING"
+
+    deadline = time.time() + 240
+    runs: list[dict] = []
+    while time.time() < deadline:
+        runs = gql(url, RUNS)["runsOrError"]["results"]
+        done = [r for r in runs if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
+        if len(runs) >= 2 and len(done) == len(runs):
+            break
+        time.sleep(2)
+    partitions = sorted(t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition")
+    assert partitions == ["00000", "part-a/00001"], runs
+    assert all(r["status"] == "SUCCESS" for r in runs), failures(tmp_path / "home")
+    assert (tmp_path / "dataset" / "00000.idx").exists()
+    assert (tmp_path / "dataset" / "part-a" / "00001.idx").exists()
