@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from curator_assets.defs import assets, jobs, sensors
+from curator_assets.defs import assets, jobs, schedules, sensors
 from curator_assets.defs.resources import ShardStorage, storage_from_env
 
 
@@ -14,6 +14,7 @@ def build_definitions(storage: ShardStorage | None = None) -> dg.Definitions:
         asset_checks=dg.load_asset_checks_from_modules([assets]),
         jobs=[jobs.shard_pipeline],
         sensors=[sensors.shard_sensor],
+        schedules=[schedules.catch_up_schedule],
         resources={"storage": storage or storage_from_env()},
     )
 

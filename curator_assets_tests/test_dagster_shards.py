@@ -123,3 +123,22 @@ def test_run_command_runs_every_shard_through_dagster(tmp_path: Path, make_shard
     assert [r["assets"]["shard_index"]["records"] for r in rows] == [3, 4]
     assert all(r["ok"] for r in rows), rows
     assert rc == 0
+
+
+def test_catch_up_schedule_requests_incomplete_shards(tmp_path: Path, make_shard, instance) -> None:
+    from curator_assets.defs.schedules import PIPELINE_ASSETS, catch_up_schedule
+
+    make_shard("00000.tar", n=2)
+    make_shard("00001.tar", n=2)
+    instance.add_dynamic_partitions(shards.name, ["00000", "00001"])
+    # Mark 00000 as complete by recording a materialization of every pipeline asset.
+    for name in PIPELINE_ASSETS:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="00000"))
+    ctx = dg.build_schedule_context(instance=instance)
+    requests = catch_up_schedule(ctx)
+    assert [r.partition_key for r in requests] == ["00001"]
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=PIPELINE_ASSETS[0], partition="00001"))
+    assert [r.partition_key for r in catch_up_schedule(dg.build_schedule_context(instance=instance))] == ["00001"]
+    for name in PIPELINE_ASSETS[1:]:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="00001"))
+    assert isinstance(catch_up_schedule(dg.build_schedule_context(instance=instance)), dg.SkipReason)

@@ -1,0 +1,44 @@
+"""A nightly catch-up: dynamic partitions cannot use build_schedule_from_partitioned_job, so the
+schedule itself asks for a run of every shard whose pipeline has not completed."""
+
+import os
+
+import dagster as dg
+
+from curator_assets.defs.jobs import shard_pipeline
+from curator_assets.defs.partitions import shards
+
+# The per-shard assets, in pipeline order; a shard is done when the last one is materialized.
+PIPELINE_ASSETS = ("shard_index", "shard_validation", "decoded_images")
+
+
+def incomplete_shards(instance: dg.DagsterInstance) -> list[str]:
+    keys = instance.get_dynamic_partitions(shards.name)
+    done = set(keys)
+    for name in PIPELINE_ASSETS:
+        done &= instance.get_materialized_partitions(dg.AssetKey(name))
+    return [k for k in keys if k not in done]
+
+
+@dg.schedule(
+    job=shard_pipeline,
+    cron_schedule=os.environ.get("CURATOR_CATCH_UP_CRON", "0 2 * * *"),
+    description="Nightly: run the shard pipeline on every shard that has not completed it (new, failed, or missed).",
+)
+def catch_up_schedule(context: dg.ScheduleEvaluationContext):
+    pending = incomplete_shards(context.instance)
+    if not pending:
+        return dg.SkipReason("every shard has completed the pipeline")
+    # One run key per shard per tick: a retried tick does not launch twice.
+    stamp = f"{context.scheduled_execution_time:%Y%m%dT%H%M}" if _has_tick_time(context) else "manual"
+    return [
+        dg.RunRequest(partition_key=k, run_key=f"catch-up:{stamp}:{k}", tags={"curator/reason": "catch-up"})
+        for k in pending
+    ]
+
+
+def _has_tick_time(context: dg.ScheduleEvaluationContext) -> bool:
+    try:
+        return context.scheduled_execution_time is not None
+    except Exception:  # noqa: BLE001 - a context built outside a tick raises a check error here
+        return False
