@@ -247,10 +247,10 @@ def ensure_index(
 
     if not force and idx_info is not None:
         fresh = False
-        if previous and previous.get("tar_fingerprint") == shard.fingerprint and previous.get(
-            "index_fingerprint"
-        ) == idx_fp:
-            fresh = True
+        if previous and previous.get("tar_fingerprint"):
+            # What the last run recorded decides: an unchanged tar and index are reused, a
+            # changed tar is always re-indexed (store timestamps can be whole seconds).
+            fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
         elif _mtime(idx_info) is not None and _mtime(idx_info) >= (_mtime(dataset.fs.info(shard.path)) or 0):
             try:
                 existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)

@@ -209,6 +209,7 @@ class Dataset:
     ):
         self.url = url
         self.storage_options = dict(storage_options or {})
+        self._index_url, self._output_url = index_url, output_url
         self.fs, path = _split_url(url, self.storage_options)
         self.local = _is_local(self.fs)
         path = path.rstrip("/") or "/"
@@ -244,9 +245,14 @@ class Dataset:
             return False
 
     def url_of(self, path: str, fs=None) -> str:
+        """A protocol-qualified URL in the scheme the user wrote (adlfs would say abfs:// for az://)."""
         fs = fs or self.fs
         if _is_local(fs):
             return path
+        bases = ((self.url, self.fs), (self._index_url, self.index_fs), (self._output_url, self.output_fs))
+        for base_url, base_fs in bases:
+            if base_url and base_fs is fs and "://" in base_url:
+                return f"{url_protocol(base_url)}://{path.lstrip('/')}"
         return fs.unstrip_protocol(path)
 
     def shard_path(self, key: str) -> str:

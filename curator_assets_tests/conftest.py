@@ -11,6 +11,8 @@ import pytest
 
 from curator_assets.demo import PhotoRecord, photo_records, write_shard
 
+pytest_plugins = ["curator_assets_tests.emulators"]
+
 
 @pytest.fixture(scope="session")
 def photos() -> list[PhotoRecord]:

@@ -4,7 +4,9 @@ and read by DALI's own webdataset reader to give exactly the bytes tarfile gives
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,9 +25,17 @@ from curator_assets_tests.conftest import write_members
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 
 
+def wds2idx_command() -> str:
+    """DALI's wds2idx from this interpreter's environment (the venv need not be activated)."""
+    beside = Path(sys.executable).parent / "wds2idx"
+    found = str(beside) if beside.exists() else shutil.which("wds2idx")
+    assert found, "wds2idx (from the nvidia-dali wheel) is not installed"
+    return found
+
+
 def wds2idx(tar: Path) -> bytes:
     out = tar.with_suffix(".wds2idx")
-    subprocess.run(["wds2idx", str(tar), str(out)], check=True, capture_output=True)
+    subprocess.run([wds2idx_command(), str(tar), str(out)], check=True, capture_output=True)
     return out.read_bytes()
 
 
