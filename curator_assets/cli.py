@@ -111,6 +111,85 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _validate_row(target: tuple[object, str, int, dict | None]) -> dict:
+    """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it)."""
+    from curator_assets.storage import StorageError
+    from curator_assets.validation import unreadable_report, validate_shard
+
+    dataset, key, max_pixels, severities = target
+    try:
+        return validate_shard(dataset, key, max_pixels=max_pixels, severities=severities).summary_json()
+    except (StorageError, OSError) as exc:
+        try:
+            shard_url = dataset.url_of(dataset.shard_path(key))
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
+            shard_url = key
+        return unreadable_report(shard_url, str(exc), severities).summary_json()
+
+
+def _print_validation(row: dict, limit: int = 20) -> None:
+    problems = row["problems"]
+    errors = sum(1 for p in problems if p["severity"] == "error")
+    warnings = len(problems) - errors
+    state = "ok" if row["ok"] else "FAILED"
+    counts = ", ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((errors, "error"), (warnings, "warning")) if n)
+    print(f"{row['shard']}: {state}, {row['records']} records" + (f", {counts}" if counts else ""), flush=True)
+    for p in problems[:limit]:
+        where = " ".join(x for x in (p["record_id"], p["member"]) if x)
+        print(f"  {p['severity']:<7} {p['code']}{f' [{where}]' if where else ''}: {p['detail']}", flush=True)
+    if len(problems) > limit:
+        print(f"  ... {len(problems) - limit} more (--json lists all)", flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import os
+
+    from curator_assets.validation import resolve_severities, unreadable_report
+
+    try:
+        severities = dict(args.severities or []) or None
+        resolve_severities(severities)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    failed = 0
+    targets = []
+    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir,
+                                            storage_options=dict(args.storage_options or [])):
+        if error:
+            failed += 1
+            _err(error)
+            if args.json:
+                print(json.dumps(unreadable_report(None, error, severities).summary_json()), flush=True)
+            continue
+        targets.append((dataset, key, args.max_pixels, severities))
+
+    # Local shards: one process per core (as for `index`); remote stores keep one process.
+    local = all(getattr(d, "local", False) for d, *_ in targets)
+    workers = (args.workers or (os.cpu_count() or 1)) if local else 1
+    from curator_assets.parallel import ordered_map
+
+    for target, row in zip(targets, ordered_map(_validate_row, targets, workers), strict=True):
+        if "problems" not in row:  # a worker died before reporting this shard
+            dataset, key = target[0], target[1]
+            row = unreadable_report(dataset.url_of(dataset.shard_path(key)), row.get("error", "worker died"),
+                                    severities).summary_json()
+        if not row["ok"]:
+            failed += 1
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            _print_validation(row)
+    return 1 if failed else 0
+
+
+def _severity(text: str) -> tuple[str, str]:
+    code, sep, level = text.partition("=")
+    if not sep or not code or not level:
+        raise argparse.ArgumentTypeError(f"expected CODE=error|warning, got {text!r}")
+    return code, level
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from curator_assets.demo import build_demo
 
@@ -119,6 +198,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(p)
     print(f"demo dataset: {len(paths)} shards x {args.records} records in {args.dir}")
     return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    """Decode every shard; a record that does not decode is a manifest row, not a failure. The
+    exit status is 1 only when a whole shard could not be decoded (or listed)."""
+    from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
+    from curator_assets.index import IndexFormatError
+    from curator_assets.storage import StorageError
+    from curator_assets.tar_members import TarError
+
+    try:
+        options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
+                                hw_decoder_load=args.hw_decoder_load, reader=args.reader)
+        decoder = ShardDecoder(options)
+    except (ValueError, DecodeError) as exc:
+        _err(str(exc))
+        return 2
+    if not args.json:
+        print(f"decoding on {decoder.device.name} ({decoder.device.reason}), batch {decoder.options.batch_size}, "
+              f"{options.threads} threads", flush=True)
+    failures = 0
+    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir, output_url=args.output,
+                                            storage_options=dict(args.storage_options or [])):
+        if error:
+            failures += 1
+            _err(error)
+            if args.json:
+                print(json.dumps({"shard": None, "ok": False, "error": error}), flush=True)
+            continue
+        try:
+            result, _ = decode_shard(dataset, key, decoder=decoder)
+        except (DecodeError, TarError, IndexFormatError, StorageError, OSError) as exc:
+            failures += 1
+            shard_url = dataset.url_of(dataset.shard_path(key))
+            msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
+            _err(msg)
+            if args.json:
+                print(json.dumps({"shard": shard_url, "key": key, "ok": False, "error": msg}), flush=True)
+            continue
+        if args.json:
+            print(json.dumps({**result.as_dict(), "ok": True}), flush=True)
+            continue
+        extra = "".join(f", {n} {what}" for n, what in ((result.failed, "failed"),
+                                                        (result.no_image, "without an image")) if n)
+        print(f"{result.shard_url}: decoded {result.decoded}/{result.records}{extra} "
+              f"({result.images_per_second:.0f} images/s) -> {result.manifest_url}", flush=True)
+        for note in result.problems:
+            print(f"  note: {note}", flush=True)
+        for record_id, err in result.errors[:10]:
+            print(f"  {record_id}: {err}", flush=True)
+    return 1 if failures else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -145,6 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for local shards (default: one per core)")
     p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("validate", help="check tar structure, .idx, record IDs, image headers and side files")
+    p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
+    p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, metavar="N",
+                   help="report images with more pixels than this as image_too_large (default: 100 megapixels)")
+    p.add_argument("--severity", dest="severities", action="append", type=_severity, metavar="CODE=LEVEL",
+                   help="make a problem code an error or a warning (repeatable)")
+    p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes for local shards (default: one per core)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("decode", help="decode every image with DALI (GPU if available) and write Parquet manifests")
+    p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
+    p.add_argument("--output", metavar="URL", help="where manifests go (default: <dataset>/_curator)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto: the GPU when a CUDA device is usable, else the CPU (default)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per DALI batch (default: 64 on the CPU, 256 on a GPU)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="DALI worker threads (default: one per core)")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65, metavar="F",
+                   help="share of JPEGs for the GPU's hardware decoder, 0-1 (default: 0.65)")
+    p.add_argument("--reader", choices=("auto", "stream", "dali"), default="auto",
+                   help="stream: ranged reads through fsspec (any store); dali: DALI's webdataset reader (local)")
+    p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
+    p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("demo", help="build the demo dataset of real photos")
     p.add_argument("dir", nargs="?", default="demo_data", metavar="DIR")

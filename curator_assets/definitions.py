@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from curator_assets.defs import assets, jobs, schedules, sensors
+from curator_assets.defs import assets, checks, jobs, schedules, sensors
 from curator_assets.defs.resources import ShardStorage, storage_from_env
 
 
 def build_definitions(storage: ShardStorage | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules([assets]),
-        asset_checks=dg.load_asset_checks_from_modules([assets]),
+        asset_checks=dg.load_asset_checks_from_modules([assets, checks]),
         jobs=[jobs.shard_pipeline],
         sensors=[sensors.shard_sensor],
         schedules=[schedules.catch_up_schedule],

@@ -92,7 +92,7 @@ def test_shard_index_materializes_and_reuses(tmp_path: Path, make_shard, instanc
     assert forced.asset_materializations_for_node("shard_index")[0].metadata["reused"].value is False
 
 
-def test_shard_index_fails_clearly_on_a_corrupt_shard(tmp_path: Path, make_shard, instance) -> None:
+def test_shard_index_reports_a_corrupt_shard_without_crashing(tmp_path: Path, make_shard, instance) -> None:
     make_shard("00000.tar", n=2)
     bad = tmp_path / "dataset" / "00001.tar"
     bad.write_bytes(b"garbage" * 300)
@@ -100,11 +100,27 @@ def test_shard_index_fails_clearly_on_a_corrupt_shard(tmp_path: Path, make_shard
     instance.add_dynamic_partitions(shards.name, ["00000", "00001"])
     res = dg.materialize([shard_index], partition_key="00001", instance=instance, resources={"storage": storage},
                          raise_on_error=False)
+    assert res.success
+    md = res.asset_materializations_for_node("shard_index")[0].metadata
+    assert md["indexed"].value is False and "not a tar archive" in md["error"].value
+    checks = res.get_asset_check_evaluations()
+    assert [(c.check_name, c.passed) for c in checks] == [("index_written", False)]
+    assert not bad.with_suffix(".idx").exists()
+    ok = dg.materialize([shard_index], partition_key="00000", instance=instance, resources={"storage": storage})
+    assert [(c.check_name, c.passed) for c in ok.get_asset_check_evaluations()] == [("index_written", True)]
+
+
+def test_shard_index_fails_when_the_store_fails(tmp_path: Path, make_shard, instance) -> None:
+    make_shard("00000.tar", n=2)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the index folder should be")
+    storage = ShardStorage(dataset_url=str(tmp_path / "dataset"), index_url=str(blocker / "idx"))
+    instance.add_dynamic_partitions(shards.name, ["00000"])
+    res = dg.materialize([shard_index], partition_key="00000", instance=instance, resources={"storage": storage},
+                         raise_on_error=False)
     assert not res.success
     failure = [e for e in res.all_events if e.is_step_failure][0]
-    assert "00001" in failure.step_failure_data.error.message
-    ok = dg.materialize([shard_index], partition_key="00000", instance=instance, resources={"storage": storage})
-    assert ok.success
+    assert "00000" in failure.step_failure_data.error.message
 
 
 def test_run_command_runs_every_shard_through_dagster(tmp_path: Path, make_shard) -> None:

@@ -63,6 +63,10 @@ class ShardStorage(dg.ConfigurableResource):
 
 def _put(opts: dict[str, Any], **values: Any) -> None:
     for k, v in values.items():
+        if isinstance(v, dg.EnvVar):
+            # Outside a run (the headless runner calls dataset() directly) Dagster has not
+            # replaced the EnvVar by its value: without this the variable's name would be sent.
+            v = v.get_value()
         if v is not None and v != "":
             opts[k] = v
 

@@ -1,0 +1,336 @@
+"""Decode throughput and memory, side by side in one run.
+
+    python benchmarks/bench_decode.py             # throughput on a 2,000-record shard of 500x375 photos
+    python benchmarks/bench_decode.py --memory    # + peak RSS while decoding a ~2 GB shard (builds it once)
+
+Contenders, all on the same shard (real-photo JPEGs, quality 75-95, with captions and JSON):
+
+* ``ours``: :func:`curator_assets.decode.decode_shard` (index -> stream reader -> DALI CPU/GPU
+  decoder -> Parquet manifest), and :func:`iter_batches` (the same, pixels handed to Python);
+  also with DALI's own webdataset reader (``reader="dali"``) and through a non-local fsspec
+  store (``memory://``), which takes the ranged-read path that object stores use.
+* ``limit``: libjpeg-turbo (simplejpeg) decoding the same JPEG bytes, already in memory, in a
+  thread pool on every core. Nothing that also reads the tar can beat it by much.
+* ``NeMo Curator's configuration``: one DALI pipeline per shard with ``fn.readers.webdataset``,
+  ``ext=["jpg"]``, no index, the CPU decoder, batch 100, 8 threads, each image copied to host.
+  (NeMo passes ``device_id=0``, which cannot build on a machine without CUDA; ``device_id=None``
+  is the only way its configuration runs here.) Pipeline build is timed, as NeMo builds one per task.
+* ``webdataset + Pillow``: the webdataset library reading the tar, Pillow decoding, one process.
+
+Each contender runs ``--repeat`` times, interleaved; the table shows the median and best
+images/s, and ratios of medians. Cached shards live under ``benchmarks/data/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+sys.path.insert(0, str(HERE.parent))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def photo_shard(records: int = 2000, size: tuple[int, int] = (500, 375)) -> Path:
+    """The cached benchmark shard (built once), with its .idx."""
+    from curator_assets.demo import photo_records, write_shard
+    from curator_assets.index import ensure_index
+    from curator_assets.storage import Dataset
+
+    folder = DATA / f"photos-{records}-{size[0]}x{size[1]}"
+    path = folder / "00000.tar"
+    if not path.exists():
+        print(f"building {path} ({records} records) ...", flush=True)
+        write_shard(path, list(photo_records(records, size=size, quality=(75, 95))))
+    ensure_index(Dataset(str(folder)), "00000")
+    return path
+
+
+def big_shard(target_bytes: int = 2 << 30) -> Path:
+    """A ~2 GB shard: 2,000 distinct photos repeated under new keys (decoding cost is per image,
+    so repeats measure memory just as well; building 60,000 distinct crops takes many minutes)."""
+    from curator_assets.demo import photo_records
+    from curator_assets.index import ensure_index
+    from curator_assets.storage import Dataset
+
+    folder = DATA / "big-2g"
+    path = folder / "00000.tar"
+    if not path.exists():
+        print(f"building {path} (~{target_bytes >> 20} MiB) ...", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        base = list(photo_records(2000, size=(500, 375), quality=(75, 95), seed=11))
+        tmp = path.with_name(".00000.tar.tmp")
+        written = 0
+        n = 0
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            while written < target_bytes:
+                rec = base[n % len(base)]
+                key = f"{n:09d}"
+                for ext, data in (("jpg", rec.jpg), ("txt", rec.caption.encode()),
+                                  ("json", json.dumps({"key": key, **rec.metadata}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 1_700_000_000
+                    import io
+
+                    tar.addfile(info, io.BytesIO(data))
+                    written += 512 + (len(data) + 511) // 512 * 512
+                n += 1
+        os.replace(tmp, path)
+    ensure_index(Dataset(str(folder)), "00000")
+    return path
+
+
+def jpeg_bytes(path: Path) -> list[bytes]:
+    with tarfile.open(path) as tar:
+        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.lower().endswith(".jpg")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders: each returns the number of images it decoded
+
+
+def run_limit(jpegs: list[bytes], threads: int) -> int:
+    import simplejpeg
+
+    def one(data: bytes):
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(1 for _ in pool.map(one, jpegs, chunksize=8))
+
+
+def run_dali_alone(jpegs: list[bytes], threads: int, batch_size: int = 64) -> int:
+    """DALI's CPU decoder on the same bytes, already in memory: what the decoder itself costs."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    arrays = [np.frombuffer(b, dtype=np.uint8) for b in jpegs]
+    batches = iter([arrays[i : i + batch_size] for i in range(0, len(arrays), batch_size)])
+
+    def source():
+        batch = next(batches, None)
+        if batch is None:
+            raise StopIteration
+        return batch
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, exec_dynamic=True)
+    def pipeline():
+        return fn.decoders.image(fn.external_source(source=source, batch=True), device="cpu", output_type=types.RGB)
+
+    pipe = pipeline()
+    pipe.build()
+    n = 0
+    try:
+        while True:
+            (out,) = pipe.run()
+            n += len(out)
+    except StopIteration:
+        return n
+
+
+def run_ours(path: Path, output: str, batch_size: int | None, reader: str = "auto", device: str = "auto",
+             url: str | None = None) -> int:
+    from curator_assets.decode import DecodeOptions, decode_shard
+    from curator_assets.storage import Dataset
+
+    ds = Dataset(url or str(path.parent), output_url=output)
+    result, _ = decode_shard(ds, "00000", DecodeOptions(batch_size=batch_size, reader=reader, device=device))
+    assert result.failed == 0 and result.decoded == result.records, result.as_dict()
+    return result.decoded
+
+
+def run_ours_iter(path: Path, batch_size: int | None, device: str = "auto") -> int:
+    from curator_assets.decode import iter_batches
+
+    n = 0
+    for batch in iter_batches([str(path)], batch_size=batch_size, device=device):
+        n += len(batch.image_list)
+    return n
+
+
+def run_nemo(path: Path, batch_size: int = 100, threads: int = 8) -> int:
+    """NeMo Curator's ImageReaderStage configuration, on the CPU."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None)
+    def pipeline():
+        raw = fn.readers.webdataset(paths=[str(path)], ext=["jpg"], missing_component_behavior="skip")
+        return fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+
+    pipe = pipeline()
+    pipe.build()
+    total = int(next(iter(pipe.epoch_size().values())))
+    done = 0
+    images = []
+    while done < total:
+        (out,) = pipe.run()
+        out = out.as_cpu()
+        take = min(len(out), total - done)
+        for i in range(take):
+            item = out.at(i)
+            images.append(item if isinstance(item, np.ndarray) else np.asarray(item))
+        done += take
+        images.clear()  # NeMo keeps them in its task; dropping them keeps memory out of the timing
+    return done
+
+
+def run_wds_pillow(path: Path) -> int:
+    import webdataset as wds
+
+    n = 0
+    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode("rgb8"):
+        if "jpg" in sample:
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def peak_rss_child(code: str) -> tuple[float, str]:
+    """Peak RSS (MiB) of a fresh Python process running ``code``; and its last output line."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(HERE.parent))
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    data = json.loads(lines[-1])
+    return data["peak_rss_mib"], data
+
+
+MEMORY_CODE = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from curator_assets.decode import DecodeOptions, decode_shard, iter_batches
+from curator_assets.storage import Dataset
+mode = {mode!r}
+t = time.perf_counter()
+if mode == "manifest":
+    r, _ = decode_shard(Dataset({folder!r}, output_url={out!r}), "00000", DecodeOptions(batch_size={bs!r}))
+    n = r.decoded
+    assert r.decoded == r.records, r.as_dict()
+elif mode == "iter":
+    n = 0
+    for b in iter_batches([{tar!r}], batch_size={bs!r}):
+        n += len(b.image_list)
+else:
+    import nvidia.dali, pyarrow, numpy
+    n = 0
+dt = time.perf_counter() - t
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({{"peak_rss_mib": hwm / 1024, "images": n, "seconds": dt}}))
+"""
+
+
+def memory_mode(batch_size: int | None) -> None:
+    path = big_shard()
+    size = path.stat().st_size
+    print(f"\nmemory: {path} ({size / (1 << 30):.2f} GiB)")
+    with tempfile.TemporaryDirectory() as out:
+        for mode in ("baseline", "manifest", "iter"):
+            code = MEMORY_CODE.format(root=str(HERE.parent), mode=mode, folder=str(path.parent), out=out,
+                                      tar=str(path), bs=batch_size)
+            peak, data = peak_rss_child(code)
+            what = {"baseline": "imports only (DALI, numpy, pyarrow)", "manifest": "decode_shard -> manifest",
+                    "iter": "iter_batches (pixels to Python)"}[mode]
+            rate = f"{data['images'] / data['seconds']:.0f} images/s" if data["images"] else ""
+            verdict = "" if mode == "baseline" else ("  OK (<= 1024 MiB)" if peak <= 1024 else "  OVER 1024 MiB")
+            print(f"  {what:40s} peak RSS {peak:7.0f} MiB  {data['images']:6d} images  {rate}{verdict}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=None, help="our batch size (default: the library's)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS on a ~2 GB shard")
+    parser.add_argument("--quick", action="store_true", help="skip the slow webdataset + Pillow baseline")
+    args = parser.parse_args(argv)
+
+    from curator_assets.decode import DecodeOptions, available_cores, resolve_device
+
+    bs = args.batch_size
+    cores = available_cores()
+    device = resolve_device(args.device)
+    path = photo_shard(args.records)
+    jpegs = jpeg_bytes(path)
+    print(f"shard: {path} ({path.stat().st_size / 1e6:.1f} MB, {len(jpegs)} JPEGs, "
+          f"mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB)")
+    print(f"machine: {cores} cores; decode device: {device.name} ({device.reason}); "
+          f"our batch size {DecodeOptions(batch_size=bs).for_device(device).batch_size}")
+
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/bench/00000.tar", path.read_bytes())
+    mem.pipe("/bench/00000.idx", path.with_suffix(".idx").read_bytes())
+
+    with tempfile.TemporaryDirectory() as out:
+        contenders = {
+            "limit: simplejpeg, thread pool": lambda: run_limit(jpegs, cores),
+            "DALI CPU decoder alone, in memory": lambda: run_dali_alone(jpegs, cores),
+            "ours: decode_shard (manifest)": lambda: run_ours(path, out, bs, device=args.device),
+            "ours: iter_batches (pixels)": lambda: run_ours_iter(path, bs, device=args.device),
+            "ours: DALI webdataset reader": lambda: run_ours(path, out, bs, reader="dali", device=args.device),
+            "ours: fsspec ranged reads": lambda: run_ours(path, out, bs, device=args.device,
+                                                          url="memory://bench"),
+            "NeMo Curator's configuration": lambda: run_nemo(path),
+        }
+        if not args.quick:
+            contenders["webdataset + Pillow"] = lambda: run_wds_pillow(path)
+        # Warm up once (imports, page cache, pipeline code paths), untimed.
+        for fn in contenders.values():
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        cpu: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(args.repeat):
+            for name, fn in contenders.items():
+                c = time.process_time()
+                t = time.perf_counter()
+                n = fn()
+                times[name].append(n / (time.perf_counter() - t))
+                cpu[name].append((time.process_time() - c) / n * 1e6)
+                if n != len(jpegs):
+                    raise SystemExit(f"{name}: decoded {n} of {len(jpegs)} images")
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    limit = med["limit: simplejpeg, thread pool"]
+    nemo = med["NeMo Curator's configuration"]
+    print(f"\n{'images/s':34s} {'median':>9s} {'best':>9s}  {'x limit':>8s} {'x NeMo':>8s}  {'CPU us/image':>12s}"
+          f"   ({args.repeat} runs)")
+    for name, rates in times.items():
+        print(f"{name:34s} {med[name]:9.0f} {max(rates):9.0f}  {med[name] / limit:8.2f} {med[name] / nemo:8.2f}"
+              f"  {statistics.median(cpu[name]):12.0f}")
+    ours = med["ours: decode_shard (manifest)"]
+    print(f"\ntargets: ours >= 0.9x limit: {ours / limit:.2f}x {'OK' if ours >= 0.9 * limit else 'MISSED'}; "
+          f"ours >= 1.5x NeMo: {ours / nemo:.2f}x {'OK' if ours >= 1.5 * nemo else 'MISSED'}")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+    if args.memory:
+        memory_mode(bs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

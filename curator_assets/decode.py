@@ -1,0 +1,1222 @@
+"""Decode the images of WebDataset shards with NVIDIA DALI, one batch at a time, in tar order.
+
+The shape of it:
+
+* **Plan** (:func:`plan_shard`): the records of a shard come from its ``.idx`` (never a rescan of
+  a tar that has one); record IDs come from the member names the index holds. A shard without an
+  index, or with a ``v1.1`` index (which has no names), gets a header scan instead: it reads 512
+  bytes per member and seeks over the data.
+* **Read**: two readers, chosen by :attr:`DecodeOptions.reader`.
+
+  - ``stream`` (every store: local, ``s3://``, ``gs://``, ``az://``): a background thread reads
+    the byte ranges of each batch through the :class:`~curator_assets.storage.Dataset` (one
+    ``pread``/ranged GET per run of adjacent members), checks each member's tar header against
+    the index (a stale index would otherwise hand DALI the wrong bytes), hashes the encoded
+    image, sniffs it, and keeps the caption and JSON. DALI gets the bytes through
+    ``fn.external_source``.
+  - ``dali`` (local files): DALI's own ``fn.readers.webdataset`` reads the tar through an index
+    written for it from the plan (image, caption and JSON components only, under fixed names so
+    ``.jpeg``/``.JPG`` match). It hashes what the reader hands back.
+
+* **Decode**: ``fn.decoders.image`` with ``device="mixed"`` (nvJPEG and the hardware JPEG
+  decoder) when a CUDA device is usable, else ``device="cpu"`` (libjpeg-turbo), always to RGB.
+  EXIF orientation is applied (``adjust_orientation``); grayscale and CMYK come out as RGB.
+* **Isolate**: one undecodable image makes DALI fail the whole batch. Bytes that are not an image
+  at all are caught before DALI by the sniff, and a JPEG without its end marker is decoded on its
+  own; when a batch still fails, its records are decoded one at a time (on a second, one-batch
+  pipeline), so only the bad ones fail, each with its error, and the batches queued behind it go
+  to a fresh pipeline.
+* **Stream**: the decoding pipeline pulls batches from the reader and keeps one queued behind
+  the one decoding; at most a few batches of encoded bytes and decoded images exist at a time.
+
+Every record of the shard comes out: decoded, or with ``decoded=False`` and an error (no image
+member, not an image, a decode failure, data past the end of a truncated tar).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from curator_assets.index import IndexComponent, IndexFormatError, parse_index
+from curator_assets.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
+from curator_assets.tar_members import (
+    REGULAR_TYPES,
+    _check_header,
+    _nts,
+    _number,
+    group_records,
+    scan_tar,
+)
+
+# Extensions (the whole extension, compared case-insensitively) whose member is the record's
+# image, in order of preference when a record has more than one.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "jp2", "j2k", "pnm", "ppm", "pgm", "pbm")
+CAPTION_EXTENSIONS = ("txt",)
+METADATA_EXTENSIONS = ("json",)
+
+DEVICES = ("auto", "cpu", "gpu")
+READERS = ("auto", "stream", "dali")
+DEFAULT_BATCH_SIZE = 64  # on the CPU: enough to keep every core busy, small enough to stream
+DEFAULT_GPU_BATCH_SIZE = 256  # nvJPEG and the hardware decoder want many images per call
+DEFAULT_HW_DECODER_LOAD = 0.65  # DALI's own default share for the A100/H100 hardware JPEG decoder
+
+# Reads closer than this are merged into one request: a gap costs less than another round trip.
+LOCAL_GAP = 64 << 10
+REMOTE_GAP = 1 << 20
+
+
+class DecodeError(RuntimeError):
+    """A shard that cannot be decoded at all (the message names it); records never raise this."""
+
+
+class StaleIndexError(DecodeError):
+    """The shard's ``.idx`` does not describe its tar (the tar changed after indexing)."""
+
+
+class DeviceUnavailableError(DecodeError):
+    """``device="gpu"`` was asked for on a machine without a usable CUDA device."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and the device
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    device: str = "auto"  # auto | cpu | gpu
+    batch_size: int | None = None  # None: 64 on the CPU, 256 on a GPU
+    num_threads: int | None = None  # DALI worker threads; None: every core this process may use
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
+    reader: str = "auto"  # auto (= stream) | stream | dali
+    device_id: int = 0  # which GPU, when decoding on one
+    prefetch: int = 2  # batches read ahead of the decoder
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, not {self.reader!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.num_threads}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be between 0 and 1, not {self.hw_decoder_load}")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, not {self.prefetch}")
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or available_cores()
+
+    def for_device(self, device: DeviceChoice) -> DecodeOptions:
+        """These options with the batch size settled for ``device``."""
+        if self.batch_size is not None:
+            return self
+        size = DEFAULT_GPU_BATCH_SIZE if device.name == "gpu" else DEFAULT_BATCH_SIZE
+        return dataclasses.replace(self, batch_size=size)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    name: str  # "cpu" | "gpu"
+    device_id: int | None  # None for the CPU: DALI then never touches CUDA
+    reason: str  # why this device, for logs and the asset metadata
+
+    @property
+    def decoder_backend(self) -> str:
+        return "mixed" if self.name == "gpu" else "cpu"
+
+
+def cuda_device_count() -> int:
+    """CUDA devices DALI can use; 0 on a machine without a driver or GPU (never raises)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return 0
+    try:
+        from nvidia.dali import backend
+
+        return int(backend.GetCUDADeviceCount())
+    except Exception:  # noqa: BLE001 - no driver, no libcuda, a broken install: all mean "no GPU"
+        return 0
+
+
+def resolve_device(device: str = "auto", device_id: int = 0) -> DeviceChoice:
+    """The device to decode on. ``auto`` takes the GPU when one is usable; ``gpu`` insists."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return DeviceChoice("cpu", None, "CPU requested")
+    count = cuda_device_count()
+    if count > device_id:
+        why = "GPU requested" if device == "gpu" else f"{count} CUDA device(s) found"
+        return DeviceChoice("gpu", device_id, why)
+    if device == "gpu":
+        raise DeviceUnavailableError(
+            f"--device gpu: no usable CUDA device {device_id} ({count} found); use --device auto or cpu"
+        )
+    return DeviceChoice("cpu", None, "no CUDA device found: CPU decoder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sniffing encoded images (cheap: the first bytes, and a walk over the JPEG markers)
+
+
+@dataclass(frozen=True)
+class Sniff:
+    format: str | None  # jpeg, png, ... or None when the bytes are no image DALI can decode
+    error: str | None = None  # why the bytes cannot decode (None: looks decodable)
+    width: int | None = None
+    height: int | None = None
+    channels: int | None = None  # components in the encoded image
+    progressive: bool = False
+    suspect: bool = False  # probably fails (e.g. a JPEG without its end marker): decode it alone
+
+
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
+_STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))  # TEM, RST0-7: no length field
+
+
+def sniff_image(data: bytes | memoryview) -> Sniff:
+    """What an encoded image is, from its magic number; for JPEG also its frame header."""
+    head = bytes(data[:16])
+    if head[:3] == b"\xff\xd8\xff":
+        return _sniff_jpeg(data)
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        fmt = "png"
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        fmt = "webp"
+    elif head[:4] in (b"II*\x00", b"MM\x00*"):
+        fmt = "tiff"
+    elif head[:2] == b"BM":
+        fmt = "bmp"
+    elif head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        fmt = "jpeg2000"
+    elif len(head) >= 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[1:2] != b"":
+        fmt = "pnm"
+    else:
+        if not head:
+            return Sniff(None, "empty image member")
+        return Sniff(None, f"not an image: starts with {head[:8]!r}")
+    return Sniff(fmt)
+
+
+def _sniff_jpeg(data: bytes | memoryview) -> Sniff:
+    n = len(data)
+    pos = 2
+    while pos < n:
+        if data[pos] != 0xFF:
+            return Sniff("jpeg", f"corrupt JPEG: no marker at byte {pos}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return Sniff("jpeg", "corrupt JPEG: no frame header before the image data")
+        if pos + 2 > n:
+            break
+        length = (data[pos] << 8) | data[pos + 1]
+        if length < 2:
+            return Sniff("jpeg", f"corrupt JPEG: bad segment length at byte {pos}")
+        if marker in _SOF_MARKERS:
+            if pos + 8 > n:
+                break
+            height = (data[pos + 3] << 8) | data[pos + 4]
+            width = (data[pos + 5] << 8) | data[pos + 6]
+            comps = data[pos + 7]
+            if width == 0:
+                return Sniff("jpeg", "corrupt JPEG: frame header says width 0")
+            # Without the end-of-image marker libjpeg stops early and DALI fails the sample.
+            tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
+            return Sniff("jpeg", None, width, height or None, comps, marker in _PROGRESSIVE,
+                         suspect=not tail.endswith(b"\xff\xd9"))
+        pos += length
+    return Sniff("jpeg", "truncated JPEG: ends before its frame header")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: records and where their components are
+
+
+# ``(ext, offset, size, name)`` of one member of a record: the index's own component type.
+Component = IndexComponent
+
+
+@dataclass(frozen=True)
+class PlannedRecord:
+    position: int
+    record_id: str
+    components: tuple[Component, ...]
+    image: Component | None
+    caption: Component | None
+    metadata: Component | None
+
+    @property
+    def needed(self) -> tuple[Component, ...]:
+        return tuple(c for c in (self.image, self.caption, self.metadata) if c is not None)
+
+
+@dataclass
+class ShardPlan:
+    key: str
+    shard_url: str
+    shard_size: int
+    records: list[PlannedRecord]
+    source: str  # "index" | "scan"
+    verify_headers: bool  # check each member's tar header (the plan came from an index)
+    bytes_read: int = 0  # what planning read (index bytes, or tar headers)
+    problems: list[str] = field(default_factory=list)  # shard-level notes (a damaged tar, ...)
+
+
+_ROLES = {
+    **{ext: (0, rank) for rank, ext in enumerate(IMAGE_EXTENSIONS)},
+    **{ext: (1, rank) for rank, ext in enumerate(CAPTION_EXTENSIONS)},
+    **{ext: (2, rank) for rank, ext in enumerate(METADATA_EXTENSIONS)},
+}
+
+
+def _planned(position: int, record_id: str, comps: tuple[Component, ...]) -> PlannedRecord:
+    """The record with its image, caption and JSON picked out (by extension, case-insensitively)."""
+    picked: list = [None, None, None]
+    ranks = [len(IMAGE_EXTENSIONS)] * 3
+    for c in comps:
+        role = _ROLES.get(c[0]) or _ROLES.get(c[0].lower())
+        if role is not None and role[1] < ranks[role[0]]:
+            ranks[role[0]] = role[1]
+            picked[role[0]] = c
+    return PlannedRecord(position, record_id, comps, *picked)
+
+
+def plan_shard(dataset, key: str) -> ShardPlan:
+    """The records of shard ``key``: from its ``.idx`` when it has a v1.2 one, else a header scan."""
+    shard = dataset.shard(key)
+    try:
+        raw = dataset.read_index_bytes(key)
+    except OSError as exc:
+        raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
+    problems: list[str] = []
+    if raw:
+        idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
+        try:
+            index = parse_index(raw, idx_url)
+        except IndexFormatError as exc:
+            raise DecodeError(f"{shard.url}: unreadable index: {exc}") from exc
+        if index.has_names:
+            records = [_planned(n, rec.key or "", rec.components) for n, rec in enumerate(index.records)]
+            plan = ShardPlan(key, shard.url, shard.size, records, "index", True, len(raw), problems)
+            plan.bytes_read += _check_tail(dataset, plan)
+            return plan
+        problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
+    with dataset.open_shard(key) as f:
+        scan = scan_tar(f, recover=True, total_size=shard.size)
+    problems += [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
+    records = [
+        _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
+        for n, rec in enumerate(group_records(scan.members))
+    ]
+    return ShardPlan(key, shard.url, shard.size, records, "scan", False, 512 * len(scan.members), problems)
+
+
+def _check_tail(dataset, plan: ShardPlan) -> int:
+    """Raise :class:`StaleIndexError` when the tar has records after the last one the index lists
+    (a shard appended to after indexing): the end-of-archive blocks should follow it. Only when
+    something else follows are the headers after it scanned. Returns the bytes read."""
+    end = max((c.offset + -(-c.size // 512) * 512 for r in plan.records[-1:] for c in r.components), default=0)
+    if end >= plan.shard_size:
+        return 0
+    path = dataset.shard_path(plan.key)
+    block = dataset.fs.cat_file(path, start=end, end=min(end + 512, plan.shard_size))
+    if block.count(0) == len(block):
+        return len(block)
+    with dataset.open_shard(plan.key) as f:
+        f.seek(end)
+        tail = scan_tar(f, total_size=plan.shard_size - end)
+    extra = group_records(tail.members)
+    if extra:
+        first = tail.members[0].name if tail.members else "?"
+        raise StaleIndexError(
+            f"{plan.shard_url}: its .idx does not match the tar: {len(extra)} record(s) follow the last one it "
+            f"lists (from {first!r} at byte {end}); rebuild the index (curator-assets index --force)"
+        )
+    return len(block) + 512 * len(tail.members)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a batch of records (the stream reader)
+
+
+@dataclass
+class EncodedRecord:
+    """A planned record with its bytes read and checked; ``row`` is its manifest row so far."""
+
+    plan: PlannedRecord
+    row: ManifestRow
+    image: np.ndarray | None = None  # the encoded image bytes, when they may decode
+    sniff: Sniff | None = None
+
+
+@dataclass
+class EncodedBatch:
+    records: list[EncodedRecord]
+    bytes_read: int
+
+
+def _header_problem(header: bytes, comp: Component) -> str | None:
+    """Why the 512 bytes before a member's data are not that member's header (None: they are)."""
+    if len(header) < 512 or _check_header(header) is not None:
+        return "no tar header there"
+    if chr(header[156]) not in REGULAR_TYPES:
+        return f"a member of type {chr(header[156])!r} is there"
+    try:
+        size = _number(header[124:136])
+    except ValueError:
+        return "an unreadable header is there"
+    name = _nts(header[0:100])
+    if header[257:263] == b"ustar\x00":
+        prefix = _nts(header[345:500])
+        if prefix:
+            name = prefix + b"/" + name
+    expected = comp.name.encode("utf-8", "surrogateescape")
+    # Long names live in an extension header before this one; only short names can be compared.
+    if size != comp.size or (len(expected) < 100 and name != expected):
+        return f"member {name.decode('utf-8', 'replace')!r} ({size} bytes) is there"
+    return None
+
+
+def _header_agrees(header: memoryview, comp: Component) -> bool:
+    """Fast path of :func:`_header_problem`: the name and size fields say this member."""
+    expected = comp.name.encode("utf-8", "surrogateescape")
+    n = len(expected)
+    if n < 100 and (header[:n] != expected or header[n] != 0):
+        return False
+    field = bytes(header[124:136])
+    try:
+        size = int(field.strip(b" \0") or b"0", 8)
+    except ValueError:
+        size = _number(field)  # GNU base-256 for members over 8 GiB
+    return size == comp.size
+
+
+def _stale_message(plan: ShardPlan, comp: Component, why: str) -> str:
+    return (
+        f"{plan.shard_url}: its .idx does not match the tar: the index puts {comp.name!r} "
+        f"({comp.size} bytes) at byte {comp.offset}, but {why}; rebuild the index (curator-assets index --force)"
+    )
+
+
+class ShardReader:
+    """Reads the needed components of a shard's records, batch by batch, in tar order."""
+
+    def __init__(self, dataset, plan: ShardPlan):
+        self.dataset = dataset
+        self.plan = plan
+        self.local = bool(dataset.local)
+        self.path = dataset.shard_path(plan.key)
+        self._file = None
+        self.gap = LOCAL_GAP if self.local else REMOTE_GAP
+
+    def __enter__(self) -> ShardReader:
+        if self.local:
+            self._file = open(self.path, "rb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _read(self, start: int, end: int) -> bytes:
+        if self._file is not None:
+            return os.pread(self._file.fileno(), end - start, start)
+        try:
+            return self.dataset.fs.cat_file(self.path, start=start, end=end)
+        except OSError as exc:
+            raise DecodeError(f"{self.plan.shard_url}: read of bytes {start}-{end} failed: {exc}") from exc
+
+    def spot_check(self) -> None:
+        """Check the headers of the first, middle and last members against the index (for readers
+        that take the index on trust)."""
+        comps = [c for r in self.plan.records for c in r.needed]
+        for c in [comps[i] for i in sorted({0, len(comps) // 2, len(comps) - 1}) if comps]:
+            if c.offset < 512 or c.offset + c.size > self.plan.shard_size:
+                why = "the tar ends before it"
+            else:
+                why = _header_problem(self._read(c.offset - 512, c.offset), c)
+            if why is not None:
+                raise StaleIndexError(_stale_message(self.plan, c, why))
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[EncodedBatch]:
+        records = self.plan.records[start:stop]
+        for i in range(0, len(records), batch_size):
+            yield self.read_batch(records[i : i + batch_size])
+
+    def read_batch(self, records: Sequence[PlannedRecord]) -> EncodedBatch:
+        size = self.plan.shard_size
+        # Each needed member with its header block: [offset - 512, offset + size).
+        spans = [(c.offset - 512, c.offset + c.size) for r in records for c in r.needed]
+        buffers: list[tuple[int, int, bytes]] = []  # (start, end, data), merged runs
+        bytes_read = 0
+        for s, e in sorted(spans):
+            s, e = max(s, 0), min(e, size)
+            if s >= e:
+                continue
+            if buffers and s - buffers[-1][1] <= self.gap:
+                buffers[-1] = (buffers[-1][0], max(e, buffers[-1][1]), b"")
+            else:
+                buffers.append((s, e, b""))
+        for n, (s, e, _) in enumerate(buffers):
+            data = self._read(s, e)
+            bytes_read += len(data)
+            buffers[n] = (s, s + len(data), data)
+        starts = [b[0] for b in buffers]
+
+        def view(start: int, end: int) -> memoryview | None:
+            """Bytes [start, end) of the shard, or None when the tar ends before ``end``."""
+            i = bisect.bisect_right(starts, start) - 1
+            if i < 0:
+                return None
+            s, e, data = buffers[i]
+            if end > e:
+                return None
+            return memoryview(data)[start - s : end - s]
+
+        out = []
+        for rec in records:
+            out.append(self._encoded(rec, view))
+        return EncodedBatch(out, bytes_read)
+
+    def _encoded(self, rec: PlannedRecord, view) -> EncodedRecord:
+        img = rec.image
+        row = ManifestRow(
+            position=rec.position, record_id=rec.record_id, shard=self.plan.key,
+            member=img.name if img else None, offset=img.offset if img else None, size=img.size if img else None,
+            extensions=[c.ext for c in rec.components],
+        )
+        enc = EncodedRecord(rec, row)
+        if self.plan.verify_headers:
+            for comp in rec.needed:
+                header = view(comp.offset - 512, comp.offset) if comp.offset >= 512 else None
+                if header is not None and not _header_agrees(header, comp):
+                    why = _header_problem(bytes(header), comp) or "its header disagrees"
+                    raise StaleIndexError(_stale_message(self.plan, comp, why))
+        if rec.caption is not None:
+            data = view(rec.caption.offset, rec.caption.offset + rec.caption.size)
+            if data is not None:
+                row.caption = bytes(data).decode("utf-8", "replace")
+        if rec.metadata is not None:
+            data = view(rec.metadata.offset, rec.metadata.offset + rec.metadata.size)
+            if data is None:
+                row.metadata_error = "the .json runs past the end of the shard"
+            else:
+                row.metadata, row.metadata_error = check_metadata(bytes(data))
+        if img is None:
+            found = ", ".join(row.extensions) or "none"
+            row.error = f"no image member (components: {found})"
+            return enc
+        data = view(img.offset, img.offset + img.size)
+        if data is None:
+            row.error = f"image data runs past the end of the shard ({self.plan.shard_size} bytes): tar truncated"
+            return enc
+        row.sha256 = hashlib.sha256(data).hexdigest()
+        sniff = sniff_image(data)
+        enc.sniff = sniff
+        row.format = sniff.format
+        row.source_channels = sniff.channels
+        if sniff.error:
+            row.error = sniff.error
+            return enc
+        enc.image = np.frombuffer(data, dtype=np.uint8)
+        return enc
+
+
+def check_metadata(data: bytes) -> tuple[str | None, str | None]:
+    """The .json component as JSON text (exactly as stored), or why it cannot be kept."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"the .json is not UTF-8 (byte {exc.start})"
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        return None, f"the .json is not valid JSON: {exc}"
+    return text, None
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI
+
+
+def _dali():
+    from nvidia.dali import fn, pipeline_def, types
+
+    return fn, pipeline_def, types
+
+
+def _decoder_args(device: DeviceChoice, options: DecodeOptions) -> dict[str, Any]:
+    """``fn.decoders.image`` arguments: RGB out, EXIF orientation applied (DALI's default, stated
+    here because the manifest's width and height depend on it)."""
+    _, _, types = _dali()
+    args: dict[str, Any] = {"device": device.decoder_backend, "output_type": types.RGB, "adjust_orientation": True}
+    if device.decoder_backend == "mixed":
+        args["hw_decoder_load"] = options.hw_decoder_load
+    return args
+
+
+class BatchDecodeFailed(RuntimeError):
+    """DALI failed a run; the message is DALI's, shortened."""
+
+
+def _short_dali_error(exc: BaseException) -> str:
+    text = str(exc)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "no longer valid" not in ln and not ln.startswith("Critical error")]
+    first = lines[0] if lines else type(exc).__name__
+    # The sample number is the position in DALI's batch, which means nothing to the reader.
+    return re.sub(r"\s*sample #\d+\s*:?", " sample", first).strip()[:300]
+
+
+def explain_failure(data: bytes | memoryview) -> str:
+    """A readable reason for bytes DALI could not decode (DALI only reports a status code)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            im.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder error is the explanation we want
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return "Pillow decodes it"
+
+
+class ImageDecoder:
+    """A DALI pipeline that decodes batches of encoded images fed from Python."""
+
+    def __init__(self, device: DeviceChoice, options: DecodeOptions):
+        self.device = device
+        self.options = options
+        self.pipe = None
+        self.builds = 0
+
+    def build(self) -> None:
+        fn, pipeline_def, types = _dali()
+        kwargs = _decoder_args(self.device, self.options)
+
+        # prefetch_queue_depth=1 and the dynamic executor: a failed run leaves the pipeline
+        # usable, and outputs stay valid while referenced.
+        @pipeline_def(batch_size=self.options.batch_size, num_threads=self.options.threads,
+                      device_id=self.device.device_id, prefetch_queue_depth=1, exec_dynamic=True)
+        def pipeline():
+            encoded = fn.external_source(name="encoded", device="cpu", no_copy=False, dtype=types.UINT8)
+            return fn.decoders.image(encoded, **kwargs)
+
+        self.pipe = pipeline()
+        self.pipe.build()
+        self.builds += 1
+
+    def run(self, arrays: Sequence[np.ndarray]):
+        """Decode; returns DALI's output batch or raises :class:`BatchDecodeFailed`."""
+        if self.pipe is None:
+            self.build()
+        try:
+            self.pipe.feed_input("encoded", list(arrays))
+            (out,) = self.pipe.run()
+        except RuntimeError as exc:
+            # Start again from a fresh pipeline: cheap (milliseconds), and nothing carries over.
+            self.pipe = None
+            raise BatchDecodeFailed(_short_dali_error(exc)) from exc
+        return out
+
+
+class StreamingDecoder:
+    """A DALI pipeline that pulls batches from a Python callable and keeps one batch queued
+    behind the one decoding (``prefetch_queue_depth=2``), so the decoder threads never wait for
+    Python between batches. Outputs come back in the order the batches were pulled."""
+
+    def __init__(self, device: DeviceChoice, options: DecodeOptions):
+        self.device = device
+        self.options = options
+        self.pipe = None
+        self.clean = False  # the pipeline finished its last stream and may be reused
+        self._feed = None
+        self.builds = 0
+
+    def _pull(self):
+        return self._feed()
+
+    def build(self) -> None:
+        fn, pipeline_def, types = _dali()
+        kwargs = _decoder_args(self.device, self.options)
+
+        @pipeline_def(batch_size=self.options.batch_size, num_threads=self.options.threads,
+                      device_id=self.device.device_id, prefetch_queue_depth=2, exec_dynamic=True)
+        def pipeline():
+            encoded = fn.external_source(source=self._pull, batch=True, device="cpu", no_copy=False,
+                                         dtype=types.UINT8)
+            return fn.decoders.image(encoded, **kwargs)
+
+        self.pipe = pipeline()
+        self.pipe.build()
+        self.builds += 1
+        self.clean = True
+
+    def start(self, feed) -> None:
+        """Begin a stream: ``feed()`` returns the next list of encoded images, or raises StopIteration."""
+        if self.pipe is None or not self.clean:
+            self.pipe = None
+            self.build()
+        self._feed = feed
+        self.clean = False
+
+    def next_output(self):
+        """The next decoded batch; StopIteration at the end; :class:`BatchDecodeFailed` when DALI
+        failed the oldest batch (the pipeline is then discarded: :meth:`start` builds a new one)."""
+        try:
+            (out,) = self.pipe.run()
+        except StopIteration:
+            self.pipe.reset()
+            self.clean = True
+            raise
+        except RuntimeError as exc:
+            self.pipe = None
+            raise BatchDecodeFailed(_short_dali_error(exc)) from exc
+        return out
+
+
+def _shapes(out) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in s) for s in out.shape()]
+
+
+def _images(out, device: DeviceChoice) -> list:
+    if device.name == "gpu":
+        return [out[i] for i in range(len(out))]  # TensorGPU: __dlpack__ / __cuda_array_interface__
+    # Views, no copy: with DALI's dynamic executor an output buffer lives as long as a view of it.
+    return [np.asarray(out[i]) for i in range(len(out))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding a shard
+
+
+@dataclass
+class DecodedBatch:
+    """One stretch of a shard (at most ``batch_size`` records, in tar order) after decoding."""
+
+    shard: str  # the shard key
+    shard_url: str
+    device: str  # "cpu" | "gpu"
+    rows: list[ManifestRow]  # every record of the stretch, decoded or not
+    images: dict[int, Any]  # position -> decoded image (only when images were asked for)
+    bytes_read: int
+
+    @property
+    def record_ids(self) -> list[str]:
+        """IDs of the decoded records, aligned with :attr:`image_list`."""
+        return [r.record_id for r in self.rows if r.decoded]
+
+    @property
+    def image_list(self) -> list:
+        return [self.images[r.position] for r in self.rows if r.decoded and r.position in self.images]
+
+
+class ShardDecoder:
+    """Decodes one shard batch by batch; holds the DALI pipeline between shards."""
+
+    def __init__(self, options: DecodeOptions | None = None, device: DeviceChoice | None = None):
+        self.requested = options or DecodeOptions()
+        self.device = device or resolve_device(self.requested.device, self.requested.device_id)
+        self.options = self.requested.for_device(self.device)
+        self._ensure_pipelines()
+
+    def _ensure_pipelines(self) -> None:
+        """Build the pipelines now; on ``auto`` a GPU pipeline that cannot be built falls back to CPU."""
+        try:
+            self._build_pipelines()
+        except RuntimeError as exc:
+            if self.device.name == "gpu" and self.requested.device == "auto":
+                reason = f"GPU pipeline failed ({_short_dali_error(exc)}): CPU decoder"
+                self.device = DeviceChoice("cpu", None, reason)
+                self._build_pipelines()
+            else:
+                why = _short_dali_error(exc)
+                raise DecodeError(f"cannot build the DALI {self.device.name} pipeline: {why}") from exc
+
+    def _build_pipelines(self) -> None:
+        self.options = self.requested.for_device(self.device)
+        self.decoder = ImageDecoder(self.device, self.options)  # one batch at a time; isolates failures
+        self.streaming = StreamingDecoder(self.device, self.options)  # the fast path
+        self.decoder.build()
+        self.streaming.build()
+
+    def reader_for(self, dataset, plan: ShardPlan) -> str:
+        want = self.options.reader
+        if want == "dali":
+            if not dataset.local:
+                raise DecodeError(
+                    f"{plan.shard_url}: reader 'dali' reads local files only; use reader 'stream' for object stores"
+                )
+            return "dali"
+        return "stream"
+
+    # -- the stream reader -------------------------------------------------------------------
+
+    def stream_batches(self, dataset, plan: ShardPlan, *, keep_images: bool) -> Iterator[DecodedBatch]:
+        with ShardReader(dataset, plan) as reader:
+            source = _prefetched(reader.batches(self.options.batch_size), self.options.prefetch)
+            try:
+                yield from self._pipelined(plan, source, keep_images)
+            finally:
+                source.close()
+
+    def _pipelined(self, plan: ShardPlan, batches: Iterator[EncodedBatch], keep_images: bool
+                   ) -> Iterator[DecodedBatch]:
+        """Decode the batches through the streaming pipeline, in order.
+
+        ``inflight`` holds, oldest first, every batch DALI has pulled and not yet answered, each
+        with the records it was given (none: nothing in it could decode, so DALI got nothing).
+        When DALI fails a batch, that batch is decoded record by record, and the batches behind
+        it, which went down with the pipeline, are fed again to a new one.
+        """
+        inflight: deque[tuple[EncodedBatch, list[EncodedRecord]]] = deque()
+        replay: deque[EncodedBatch] = deque()
+        exhausted = False
+        reader_error: list[BaseException] = []  # raised by the reader inside DALI's call: re-raised as is
+
+        def feed() -> list[np.ndarray]:
+            nonlocal exhausted
+            while True:
+                if replay:
+                    batch = replay.popleft()
+                else:
+                    try:
+                        batch = None if exhausted else next(batches, None)
+                    except BaseException as exc:
+                        reader_error.append(exc)
+                        raise
+                    if batch is None:
+                        exhausted = True
+                        raise StopIteration
+                ready = [r for r in batch.records if r.image is not None and not r.sniff.suspect]
+                inflight.append((batch, ready))
+                if ready:
+                    return [r.image for r in ready]
+
+        self.streaming.start(feed)
+        while True:
+            try:
+                out = self.streaming.next_output()
+            except StopIteration:
+                break
+            except BatchDecodeFailed:
+                if reader_error:
+                    raise reader_error[0] from None
+                out = None
+            while not inflight[0][1]:  # batches DALI had nothing for: done already
+                batch, _ = inflight.popleft()
+                yield self._finish(plan, batch, [], None, keep_images)
+            batch, ready = inflight.popleft()
+            if out is None:
+                replay.extend(b for b, _ in inflight)
+                inflight.clear()
+                self.streaming.start(feed)
+            yield self._finish(plan, batch, ready, out, keep_images)
+        while inflight:
+            batch, _ = inflight.popleft()
+            yield self._finish(plan, batch, [], None, keep_images)
+
+    def _finish(self, plan: ShardPlan, batch: EncodedBatch, ready: list[EncodedRecord], out,
+                keep_images: bool) -> DecodedBatch:
+        """Rows (and images) of a batch: ``out`` is DALI's output for ``ready``, or None when DALI
+        failed them; records the sniff found suspect, and failed ones, are decoded one by one."""
+        images: dict[int, Any] = {}
+        alone = [r for r in batch.records if r.image is not None and r.sniff.suspect]
+        if out is not None:
+            self._take(ready, out, images, keep_images)
+        else:
+            alone += ready
+        for rec in sorted(alone, key=lambda r: r.plan.position):
+            try:
+                single = self.decoder.run([rec.image])
+            except BatchDecodeFailed as exc:
+                rec.row.error = f"DALI could not decode the image ({exc}); Pillow: {explain_failure(rec.image)}"
+            else:
+                self._take([rec], single, images, keep_images)
+        for rec in batch.records:
+            rec.image = None  # the encoded bytes are done with: free them with the batch
+        rows = [r.row for r in batch.records]
+        return DecodedBatch(plan.key, plan.shard_url, self.device.name, rows, images, batch.bytes_read)
+
+    def _decode(self, plan: ShardPlan, records: list[EncodedRecord], bytes_read: int,
+                keep_images: bool) -> DecodedBatch:
+        """One batch through the synchronous pipeline (the DALI-reader path's fallback)."""
+        ready = [r for r in records if r.image is not None and not r.sniff.suspect]
+        out = None
+        if ready:
+            try:
+                out = self.decoder.run([r.image for r in ready])
+            except BatchDecodeFailed:
+                out = None
+        return self._finish(plan, EncodedBatch(records, bytes_read), ready, out, keep_images)
+
+    def _take(self, recs: list[EncodedRecord], out, images: dict[int, Any], keep_images: bool) -> None:
+        shapes = _shapes(out)
+        pixels = _images(out, self.device) if keep_images else None
+        for n, (rec, shape) in enumerate(zip(recs, shapes, strict=True)):
+            rec.row.height, rec.row.width = shape[0], shape[1]
+            rec.row.channels = shape[2] if len(shape) > 2 else 1
+            rec.row.decoded = True
+            if pixels is not None:
+                images[rec.plan.position] = pixels[n]
+
+    # -- DALI's webdataset reader --------------------------------------------------------------
+
+    def native_batches(self, dataset, plan: ShardPlan, *, keep_images: bool) -> Iterator[DecodedBatch]:
+        """DALI reads the tar itself, through an index of the image/caption/JSON components only.
+
+        Records without an image are answered from the plan (their caption and JSON read
+        directly). When a run fails, that stretch of records is read by the stream reader and
+        decoded one record at a time, and DALI's reader starts again after it.
+        """
+        tar_path = dataset.shard_path(plan.key)
+        bs = self.options.batch_size
+        records = plan.records
+        position = 0
+        with ShardReader(dataset, plan) as reader, tempfile.TemporaryDirectory(prefix="curator-decode-") as tmp:
+            if plan.verify_headers:
+                reader.spot_check()
+            run: _NativeRun | None = None
+            while position < len(records):
+                chunk = records[position : position + bs]
+                want = [r for r in chunk if r.image is not None]
+                if want and run is None:
+                    idx = os.path.join(tmp, f"from-{position}.idx")
+                    _write_native_index(idx, [r for r in records[position:] if r.image is not None])
+                    run = _NativeRun(self.device, self.options, tar_path, idx)
+                try:
+                    outs = run.take(len(want)) if want else []
+                except BatchDecodeFailed:
+                    run = None  # a fresh reader starts after this stretch
+                    enc = reader.read_batch(chunk)
+                    for rec in enc.records:  # each on its own: DALI said one of them is bad
+                        if rec.image is not None:
+                            rec.sniff = dataclasses.replace(rec.sniff, suspect=True)
+                    yield self._decode(plan, enc.records, enc.bytes_read, keep_images)
+                else:
+                    yield self._native_rows(plan, reader, chunk, outs, keep_images)
+                position += len(chunk)
+
+    def _native_rows(self, plan: ShardPlan, reader: ShardReader, chunk: Sequence[PlannedRecord],
+                     outs: list[tuple], keep_images: bool) -> DecodedBatch:
+        images: dict[int, Any] = {}
+        rows = []
+        bytes_read = 0
+        samples = iter(outs)
+        for rec in chunk:
+            if rec.image is None:
+                enc = reader.read_batch([rec])  # its caption and JSON, if any; the row says "no image"
+                bytes_read += enc.bytes_read
+                rows.append(enc.records[0].row)
+                continue
+            shape, pixels, encoded, caption, meta = next(samples)
+            img = rec.image
+            row = ManifestRow(
+                position=rec.position, record_id=rec.record_id, shard=plan.key, member=img.name,
+                offset=img.offset, size=img.size, extensions=[c.ext for c in rec.components],
+            )
+            bytes_read += len(encoded) + len(caption) + len(meta)
+            row.sha256 = hashlib.sha256(encoded).hexdigest()
+            sniff = sniff_image(memoryview(encoded))
+            row.format, row.source_channels = sniff.format, sniff.channels
+            row.height, row.width = shape[0], shape[1]
+            row.channels = shape[2] if len(shape) > 2 else 1
+            row.decoded = True
+            if rec.caption is not None:
+                row.caption = bytes(caption).decode("utf-8", "replace")
+            if rec.metadata is not None:
+                row.metadata, row.metadata_error = check_metadata(bytes(meta))
+            if keep_images:
+                images[rec.position] = pixels
+            rows.append(row)
+        return DecodedBatch(plan.key, plan.shard_url, self.device.name, rows, images, bytes_read)
+
+    # -- whole shards --------------------------------------------------------------------------
+
+    def batches(self, dataset, key: str, *, keep_images: bool, plan: ShardPlan | None = None
+                ) -> Iterator[DecodedBatch]:
+        plan = plan or plan_shard(dataset, key)
+        if self.reader_for(dataset, plan) == "dali":
+            yield from self.native_batches(dataset, plan, keep_images=keep_images)
+        else:
+            yield from self.stream_batches(dataset, plan, keep_images=keep_images)
+
+
+def _write_native_index(path: str, records: Sequence[PlannedRecord]) -> None:
+    """An index for DALI's reader: per record the image as ``img``, the caption as ``txt``, the
+    JSON as ``json``. Fixed names make ``.jpeg``/``.JPG``/``.png`` all match one output."""
+    lines = []
+    for r in records:
+        parts = []
+        for ext, comp in (("img", r.image), ("txt", r.caption), ("json", r.metadata)):
+            if comp is not None:
+                parts.append(f"{ext} {comp.offset} {comp.size} {ext}")
+        lines.append(" ".join(parts))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+
+
+class _NativeRun:
+    """DALI's ``fn.readers.webdataset`` over one tar, handing out samples in index order."""
+
+    def __init__(self, device: DeviceChoice, options: DecodeOptions, tar_path: str, idx_path: str):
+        fn, pipeline_def, types = _dali()
+        kwargs = _decoder_args(device, options)
+        self.device = device
+
+        @pipeline_def(batch_size=options.batch_size, num_threads=options.threads, device_id=device.device_id,
+                      prefetch_queue_depth=1, exec_dynamic=True)
+        def pipeline():
+            img, txt, meta = fn.readers.webdataset(
+                paths=[tar_path], index_paths=[idx_path], ext=["img", "txt", "json"],
+                missing_component_behavior="empty", name="reader", prefetch_queue_depth=2,
+            )
+            return fn.decoders.image(img, **kwargs), img, txt, meta
+
+        self.pipe = pipeline()
+        try:
+            self.pipe.build()
+        except RuntimeError as exc:
+            raise DecodeError(f"{tar_path}: DALI's reader failed: {_short_dali_error(exc)}") from exc
+        self.total = int(next(iter(self.pipe.epoch_size().values())))
+        self.served = 0
+        self.pending: list[tuple] = []
+
+    def take(self, need: int) -> list[tuple]:
+        """The next ``need`` samples, each (shape, pixels, encoded, txt, json)."""
+        while len(self.pending) < need:
+            try:
+                decoded, img, txt, meta = self.pipe.run()
+            except RuntimeError as exc:
+                raise BatchDecodeFailed(_short_dali_error(exc)) from exc
+            shapes = _shapes(decoded)
+            take = min(len(shapes), self.total - self.served - len(self.pending))
+            if take <= 0:
+                raise DecodeError(f"DALI's reader ran out after {self.served} of {self.total} samples")
+            pixels = _images(decoded, self.device)
+            for i in range(take):
+                self.pending.append((shapes[i], pixels[i], np.asarray(img[i]), np.asarray(txt[i]),
+                                     np.asarray(meta[i])))
+        out, self.pending = self.pending[:need], self.pending[need:]
+        self.served += len(out)
+        return out
+
+
+def _prefetched(source: Iterator, depth: int) -> Iterator:
+    """Run ``source`` in a thread, at most ``depth`` items ahead; errors come out in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put((done, exc))
+
+    thread = threading.Thread(target=work, name="curator-shard-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two entry points: a shard to a manifest, and shards to a stream of image batches
+
+
+@dataclass
+class DecodeResult:
+    key: str
+    shard_url: str
+    manifest_url: str | None
+    records: int
+    decoded: int
+    failed: int  # records with an image member that did not decode
+    no_image: int  # records without an image member (also decoded=False in the manifest)
+    device: str
+    device_reason: str
+    reader: str
+    plan_source: str  # "index" | "scan"
+    seconds: float
+    bytes_read: int
+    problems: list[str]
+    preview: list[ManifestRow]  # the first few rows, for a glance
+    errors: list[tuple[str, str]]  # (record_id, error) of the first records that did not decode
+
+    @property
+    def images_per_second(self) -> float:
+        return self.decoded / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard_url, "key": self.key, "manifest": self.manifest_url, "records": self.records,
+            "decoded": self.decoded, "failed": self.failed, "no_image": self.no_image, "device": self.device,
+            "device_reason": self.device_reason, "reader": self.reader, "plan": self.plan_source,
+            "seconds": round(self.seconds, 6), "images_per_s": round(self.images_per_second, 1),
+            "bytes_read": self.bytes_read, "problems": self.problems,
+            "errors": [{"record_id": r, "error": e} for r, e in self.errors],
+        }
+
+
+def decode_shard(
+    dataset,
+    key: str,
+    options: DecodeOptions | None = None,
+    *,
+    decoder: ShardDecoder | None = None,
+    write: bool = True,
+    preview_rows: int = 5,
+) -> tuple[DecodeResult, list[ManifestRow]]:
+    """Decode every image of shard ``key`` and (with ``write``) write its Parquet manifest.
+
+    Returns the summary and the manifest rows (one per record, in tar order). Raises
+    :class:`DecodeError` (or ``StorageError``) for a shard that cannot be decoded at all; a record
+    that cannot be decoded is a row with ``decoded=False`` and its error, never an exception.
+    """
+    start = time.perf_counter()
+    decoder = decoder or ShardDecoder(options)
+    plan = plan_shard(dataset, key)
+    reader = decoder.reader_for(dataset, plan)
+    rows: list[ManifestRow] = []
+    bytes_read = plan.bytes_read
+    for batch in decoder.batches(dataset, key, keep_images=False, plan=plan):
+        rows.extend(batch.rows)
+        bytes_read += batch.bytes_read
+    if len(rows) != len(plan.records):  # every record in, every record out
+        raise DecodeError(f"{plan.shard_url}: {len(plan.records)} records planned but {len(rows)} came out")
+    seconds = time.perf_counter() - start
+    decoded = sum(r.decoded for r in rows)
+    no_image = sum(r.member is None for r in rows)
+    url = None
+    result = DecodeResult(
+        key, plan.shard_url, None, len(rows), decoded, len(rows) - decoded - no_image, no_image,
+        decoder.device.name, decoder.device.reason, reader, plan.source, seconds, bytes_read,
+        plan.problems, rows[:preview_rows], [(r.record_id, r.error or "") for r in rows if not r.decoded][:20],
+    )
+    if write:
+        info = {
+            "shard": key, "shard_url": plan.shard_url, "device": result.device, "reader": reader,
+            "plan": plan.source, "records": result.records, "decoded": decoded, "failed": result.failed,
+            "no_image": no_image, "problems": plan.problems, "dali": _dali_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_manifest(dataset, key, manifest_table(rows, info))
+        url = manifest_url(dataset, key)
+        result.manifest_url = url
+    return result, rows
+
+
+def _dali_version() -> str:
+    try:
+        import nvidia.dali
+
+        return str(nvidia.dali.__version__)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+ShardRef = Any  # a str/PathLike (a .tar or a folder of them, local or URL) or a (Dataset, key) pair
+
+
+def resolve_shards(shards: Iterable[ShardRef], storage_options: dict | None = None) -> Iterator[tuple[Any, str]]:
+    """``(dataset, key)`` for each shard reference: a ``(Dataset, key)`` pair as it is; a path or
+    URL of a ``.tar`` as that shard; a folder (or prefix) as every shard under it, in key order."""
+    from curator_assets.storage import Dataset
+
+    if isinstance(shards, (str, os.PathLike)) or (isinstance(shards, tuple) and len(shards) == 2
+                                                   and isinstance(shards[1], str) and not isinstance(shards[0], str)):
+        shards = [shards]
+    for ref in shards:
+        if isinstance(ref, tuple):
+            yield ref[0], ref[1]
+            continue
+        dataset = Dataset(os.fspath(ref), storage_options)
+        for shard in dataset.list_shards().shards:
+            yield dataset, shard.key
+
+
+def iter_batches(
+    shards: ShardRef | Iterable[ShardRef],
+    *,
+    batch_size: int | None = None,
+    device: str = "auto",
+    num_threads: int | None = None,
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
+    reader: str = "auto",
+    storage_options: dict | None = None,
+) -> Iterator[DecodedBatch]:
+    """Decoded images of one or more shards, batch by batch, in tar order.
+
+    ``shards``: paths or URLs of ``.tar`` files (or of folders of them), or ``(Dataset, key)``
+    pairs; ``storage_options`` are fsspec options for the paths and URLs. Each batch covers at
+    most ``batch_size`` consecutive records of one shard: ``batch.record_ids`` and
+    ``batch.image_list`` hold the decoded ones (IDs from the member names), ``batch.rows`` every
+    record of the stretch with its manifest row (caption, JSON, error). Images are HWC ``uint8``
+    RGB: numpy arrays on the CPU; on the GPU, DALI ``TensorGPU`` objects that any DLPack consumer
+    takes (``torch.from_dlpack(t)``, ``cupy.from_dlpack(t)``). Both are DALI's own output
+    buffers, not copies: they stay valid for as long as they are referenced, and a kept image
+    keeps its batch's buffer alive (copy the few you keep out of many). Only a few batches are in
+    memory at any time, whatever the shard size.
+    """
+    options = DecodeOptions(device=device, batch_size=batch_size, num_threads=num_threads,
+                            hw_decoder_load=hw_decoder_load, reader=reader)
+    decoder = ShardDecoder(options)
+    for dataset, key in resolve_shards(shards, storage_options):
+        yield from decoder.batches(dataset, key, keep_images=True)
