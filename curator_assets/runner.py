@@ -36,9 +36,13 @@ def _plain(value: Any) -> Any:
 
 def _summary(name: str, md: dict[str, Any]) -> str:
     if name == "shard_index":
+        if md.get("indexed") is False:
+            return f"index NOT written: {md.get('error')}"
         return f"index {'reused' if md.get('reused') else 'built'} ({md.get('records')} records)"
     if name == "shard_validation":
-        return f"validation {md.get('errors', 0)} errors, {md.get('warnings', 0)} warnings"
+        counts = md.get("counts")
+        detail = f" [{counts}]" if counts and counts != "{}" else ""
+        return f"validation {md.get('errors', 0)} errors, {md.get('warnings', 0)} warnings{detail}"
     if name == "decoded_images":
         return f"decoded {md.get('decoded')}/{md.get('records')} on {md.get('device')}"
     shown = ", ".join(f"{k}={v}" for k, v in list(md.items())[:3])
@@ -85,7 +89,7 @@ def run_pipeline(
     if missing:
         instance.add_dynamic_partitions(shards.name, missing)
 
-    # Dagster's per-event console logging would drown the summary; errors still surface below.
+    # Dagster's per-event console logging would drown the summary; every error is in it below.
     logging.getLogger("dagster").setLevel(logging.WARNING)
     outcomes = []
     for key in keys:
@@ -94,7 +98,7 @@ def run_pipeline(
             partition_key=key,
             instance=instance,
             raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
             tags={"curator/reason": "curator-assets run"},
         )
         outcome = ShardOutcome(key, result.success, time.perf_counter() - start)
@@ -106,6 +110,10 @@ def run_pipeline(
                 evaluation = event.event_specific_data
                 outcome.checks[evaluation.check_name] = bool(evaluation.passed)
             elif event.is_step_failure:
+                if event.step_key and "_check_" in event.step_key and any(
+                    not passed and event.step_key.endswith(name) for name, passed in outcome.checks.items()
+                ):
+                    continue  # a failed blocking check: already listed as FAILED below
                 err = event.step_failure_data.error
                 msg = (err.message if err else event.message or "step failed").strip().splitlines()[0]
                 outcome.errors.append(f"{event.step_key}: {msg}")
@@ -114,6 +122,7 @@ def run_pipeline(
         outcomes.append(outcome)
         _print_outcome(outcome, as_json, out)
 
+    dataset_line = _dataset_summary(instance, storage, as_json, out)
     failed = [o.key for o in outcomes if not o.ok]
     if not as_json:
         print(
@@ -121,7 +130,37 @@ def run_pipeline(
             + (f" ({', '.join(failed)})" if failed else ""),
             file=out,
         )
-    return 1 if failed or listing.rejected else 0
+    return 1 if failed or listing.rejected or not dataset_line else 0
+
+
+def _dataset_summary(instance, storage, as_json: bool, out) -> bool:
+    """Materialize the dataset-wide validation summary (cross-shard record IDs) after the shards."""
+    import dagster as dg
+
+    from curator_assets.defs.assets import dataset_validation_summary
+    from curator_assets.defs.checks import check_record_ids_unique_across_shards
+
+    result = dg.materialize(
+        [dataset_validation_summary, check_record_ids_unique_across_shards],
+        instance=instance, resources={"storage": storage}, raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+        tags={"curator/reason": "curator-assets run"},
+    )
+    mats = result.asset_materializations_for_node("dataset_validation_summary")
+    md = {k: _plain(v) for k, v in mats[0].metadata.items()} if mats else {}
+    checks = {e.check_name: bool(e.passed) for e in result.get_asset_check_evaluations()}
+    if as_json:
+        print(json.dumps({"dataset": md, "checks": checks, "ok": result.success}, default=str), file=out, flush=True)
+    elif md:
+        print(
+            f"dataset: {md.get('validated')}/{md.get('shards')} shards validated, {md.get('records')} records, "
+            f"{md.get('errors')} errors, {md.get('warnings')} warnings, "
+            f"{md.get('cross_shard_duplicate_ids', 0)} record IDs in more than one shard",
+            file=out,
+        )
+    else:
+        print("dataset: summary failed", file=out)
+    return result.success
 
 
 def _print_outcome(o: ShardOutcome, as_json: bool, out) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 import time
 from pathlib import Path
 
@@ -125,20 +126,29 @@ def test_shard_index_fails_when_the_store_fails(tmp_path: Path, make_shard, inst
 
 def test_run_command_runs_every_shard_through_dagster(tmp_path: Path, make_shard) -> None:
     import io
+    import json
 
     from curator_assets.runner import run_pipeline
 
     make_shard("00000.tar", n=3)
-    make_shard("00001.tar", n=4)
+    good = make_shard("00001.tar", n=4)
+    data = good.read_bytes()
+    (good.parent / "00002.tar").write_bytes(data[: len(data) // 2])  # truncated copy of 00001
     out = io.StringIO()
     rc = run_pipeline(str(tmp_path / "dataset"), as_json=True, out=out)
-    import json
-
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [r["shard"] for r in rows] == ["00000", "00001"]
-    assert [r["assets"]["shard_index"]["records"] for r in rows] == [3, 4]
-    assert all(r["ok"] for r in rows), rows
-    assert rc == 0
+    shard_rows, dataset_row = rows[:-1], rows[-1]
+    assert [r["shard"] for r in shard_rows] == ["00000", "00001", "00002"]
+    assert [r["assets"]["shard_index"]["records"] for r in shard_rows[:2]] == [3, 4]
+    assert [r["assets"]["decoded_images"]["decoded"] for r in shard_rows[:2]] == [3, 4]
+    assert [r["ok"] for r in shard_rows] == [True, True, False]
+    assert shard_rows[2]["assets"]["shard_index"]["indexed"] is False
+    assert shard_rows[2]["checks"]["check_shard_has_no_errors"] is False
+    assert "decoded_images" not in shard_rows[2]["assets"]
+    with tarfile.open(good) as t:
+        keys = {m.name.split(".")[0] for m in t.getmembers() if m.offset_data < len(data) // 2}
+    assert dataset_row["dataset"]["cross_shard_duplicate_ids"] == len(keys)
+    assert rc == 1
 
 
 def test_catch_up_schedule_requests_incomplete_shards(tmp_path: Path, make_shard, instance) -> None:
