@@ -29,6 +29,13 @@ def main() -> None:
     total_mb = sum(t.stat().st_size for t in tars) / 1e6
     for t in tars:  # warm the page cache
         t.read_bytes()
+    # Byte-compile the package as an installed wheel would be (PYTHONDONTWRITEBYTECODE, set in
+    # some environments, would otherwise make every run recompile our modules at start-up).
+    import compileall
+
+    import curator_assets
+
+    compileall.compile_dir(str(Path(curator_assets.__file__).parent), quiet=1)
     ours_dir = Path(tempfile.mkdtemp(prefix="idx-ours-"))
     wds_dir = Path(tempfile.mkdtemp(prefix="idx-wds2idx-"))
     curator, wds2idx = bin_of("curator-assets"), bin_of("wds2idx")

@@ -7,9 +7,20 @@ Dagster), so indexing many shards from a shell loop stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
+
+
+class _LazyJson:
+    """``json``, imported on first use: most runs print no JSON, and start-up time is measured."""
+
+    def __getattr__(self, name: str):
+        import json as module
+
+        return getattr(module, name)
+
+
+json = _LazyJson()
 
 
 def _err(msg: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from curator_assets.tar_members import Member, Record, split_key
+from curator_assets.tar_members import REGULAR_TYPES, Member, Record, split_key
 
 INDEX_VERSION = "v1.2"
 READABLE_VERSIONS = ("v1.1", "v1.2")
@@ -100,6 +100,45 @@ def format_index(records: Iterable[Record]) -> str:
 
 def build_index_bytes(records: Iterable[Record]) -> bytes:
     return format_index(records).encode("utf-8", "surrogateescape")
+
+
+def index_bytes_of_members(members: Iterable[Member]) -> tuple[bytes, int, int]:
+    """(index bytes, records, components) straight from a tar's members.
+
+    The same grouping as :func:`group_records` and the same text as :func:`format_index`, fused
+    into one loop without building Record objects: this is the indexing hot path (about a third
+    of ``curator-assets index`` time went to the two separate passes). Tests hold the two
+    routes to the same bytes.
+    """
+    lines: list[str] = []
+    append = lines.append
+    parts: list[str] = []
+    last_key = None
+    components = 0
+    for m in members:
+        if m.type not in REGULAR_TYPES or m.sparse:
+            continue
+        name = m.name
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot <= slash + 1:  # no extension, or a hidden file: not a record component
+            continue
+        if " " in name or not name.isprintable():
+            _check_field(name, "name", name)
+        key = name[:dot]
+        components += 1
+        if key != last_key:
+            if parts:
+                append(" ".join(parts))
+            parts = []
+            last_key = key
+        parts.append(f"{name[dot + 1:]} {m.offset} {m.size} {name}")
+    if parts:
+        append(" ".join(parts))
+    if not lines:
+        raise IndexFormatError("the shard has no records to index")
+    text = f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n"
+    return text.encode("utf-8", "surrogateescape"), len(lines), components
 
 
 def parse_index(data: bytes | str, source: str = "index") -> ShardIndex:
@@ -237,7 +276,7 @@ def ensure_index(
     import time
 
     from curator_assets.storage import fingerprint_of
-    from curator_assets.tar_members import group_records, read_members
+    from curator_assets.tar_members import read_members
 
     start = time.perf_counter()
     shard = dataset.shard(key)
@@ -268,15 +307,14 @@ def ensure_index(
 
     with dataset.open_shard(key) as f:
         members = read_members(f, shard.url)
-    records = group_records(members)
     try:
-        data = build_index_bytes(records)
+        data, n_records, n_components = index_bytes_of_members(members)
     except IndexFormatError as exc:
         raise IndexFormatError(f"{shard.url}: {exc}") from None
     dataset.write_index(key, data)
     new_info = dataset.index_info(key)
     return IndexResult(
-        key, shard.url, idx_url, len(records), sum(len(r.components) for r in records),
+        key, shard.url, idx_url, n_records, n_components,
         shard.size, time.perf_counter() - start, False, shard.fingerprint,
         fingerprint_of(new_info) if new_info else None,
     )

@@ -17,9 +17,10 @@ from curator_assets.index import (
     IndexFormatError,
     build_index_bytes,
     format_index,
+    index_bytes_of_members,
     parse_index,
 )
-from curator_assets.tar_members import group_records, open_records, read_members
+from curator_assets.tar_members import group_records, read_members
 from curator_assets_tests.conftest import write_members
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
@@ -40,8 +41,20 @@ def wds2idx(tar: Path) -> bytes:
 
 
 def our_index(tar: Path) -> bytes:
+    """The index both ways (records then text, and the fused hot path); they must agree."""
     with open(tar, "rb") as f:
-        return build_index_bytes(open_records(f))
+        members = read_members(f)
+    try:
+        via_records = build_index_bytes(group_records(members))
+    except IndexFormatError as exc:
+        with pytest.raises(IndexFormatError):
+            index_bytes_of_members(members)
+        raise exc
+    fused, n_records, n_components = index_bytes_of_members(members)
+    assert fused == via_records
+    assert n_records == len(group_records(members))
+    assert n_components == sum(len(r.components) for r in group_records(members))
+    return fused
 
 
 def layout(photos, variant: str) -> list[tuple[str, bytes]]:
