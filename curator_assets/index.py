@@ -115,10 +115,9 @@ def index_bytes_of_members(members: Iterable[Member]) -> tuple[bytes, int, int]:
     parts: list[str] = []
     last_key = None
     components = 0
-    for m in members:
-        if m.type not in REGULAR_TYPES or m.sparse:
+    for name, _header, offset, size, kind, sparse in members:  # unpacking beats 5 attribute reads
+        if kind not in REGULAR_TYPES or sparse:
             continue
-        name = m.name
         slash = name.rfind("/")
         dot = name.find(".", slash + 1)
         if dot <= slash + 1:  # no extension, or a hidden file: not a record component
@@ -132,7 +131,7 @@ def index_bytes_of_members(members: Iterable[Member]) -> tuple[bytes, int, int]:
                 append(" ".join(parts))
             parts = []
             last_key = key
-        parts.append(f"{name[dot + 1:]} {m.offset} {m.size} {name}")
+        parts.append(f"{name[dot + 1:]} {offset} {size} {name}")
     if parts:
         append(" ".join(parts))
     if not lines:
