@@ -83,7 +83,6 @@ def _index_row(target: tuple[object, str, bool]) -> dict:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    import os
 
     failures = 0
     targets = []
@@ -97,16 +96,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             continue
         targets.append((dataset, key, args.force))
 
-    # Local shards are CPU-bound header scans: one process per core. Remote stores keep one
-    # process (their clients hold event-loop threads that must not be forked).
-    local = all(getattr(d, "local", False) and getattr(d, "index_fs", None) is getattr(d, "fs", None)
-                or getattr(d.index_fs, "protocol", None) == ("file", "local") for d, _, _ in targets)
-    workers = args.workers or (os.cpu_count() or 1)
-    if not local:
-        workers = 1
-    from curator_assets.parallel import ordered_map
+    from curator_assets.parallel import map_shards
 
-    for row in ordered_map(_index_row, targets, workers):
+    local = all(d.all_local for d, _, _ in targets)
+    for row in map_shards(_index_row, targets, args.workers, local=local):
         if not row.get("ok"):
             failures += 1
             _err(row.get("error", "unknown error"))
@@ -153,7 +146,6 @@ def _print_validation(row: dict, limit: int = 20) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import os
 
     from curator_assets.validation import resolve_severities, unreadable_report
 
@@ -175,12 +167,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         targets.append((dataset, key, args.max_pixels, severities))
 
-    # Local shards: one process per core (as for `index`); remote stores keep one process.
-    local = all(getattr(d, "local", False) for d, *_ in targets)
-    workers = (args.workers or (os.cpu_count() or 1)) if local else 1
-    from curator_assets.parallel import ordered_map
+    from curator_assets.parallel import map_shards
 
-    for target, row in zip(targets, ordered_map(_validate_row, targets, workers), strict=True):
+    local = all(d.all_local for d, *_ in targets)
+    rows = map_shards(_validate_row, targets, args.workers, local=local)
+    for target, row in zip(targets, rows, strict=True):
         if "problems" not in row:  # a worker died before reporting this shard
             dataset, key = target[0], target[1]
             row = unreadable_report(dataset.url_of(dataset.shard_path(key)), row.get("error", "worker died"),

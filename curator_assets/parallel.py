@@ -61,6 +61,19 @@ def ordered_map(fn: Callable[[Any], dict], items: Sequence[Any], workers: int) -
                 pass
 
 
+def map_shards(fn: Callable[[Any], dict], targets: Sequence[Any], workers: int, *, local: bool) -> Iterator[dict]:
+    """``fn`` over per-shard targets, in order. Local shards are CPU-bound header work: one
+    forked process per core. Object stores are latency-bound: threads (their clients run an
+    event-loop thread that must not be forked), 8 by default."""
+    if local:
+        yield from ordered_map(fn, targets, workers or (os.cpu_count() or 1))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers or 8)) as pool:
+        yield from pool.map(fn, targets)
+
+
 def _read_frame(f) -> dict:
     head = f.read(4)
     if len(head) < 4:

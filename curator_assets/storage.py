@@ -232,6 +232,11 @@ class Dataset:
             self.output_root = posixpath.join(base, OUTPUT_DIRNAME)
         self._paths: dict[str, str] = {}
 
+    @property
+    def all_local(self) -> bool:
+        """Shards, indexes and outputs all on local disk."""
+        return self.local and _is_local(self.index_fs) and _is_local(self.output_fs)
+
     def _options_for(self, url: str) -> dict[str, Any]:
         # Credentials belong to the dataset's store; another store gets its own defaults.
         return self.storage_options if url_protocol(url) == url_protocol(self.url) else {}

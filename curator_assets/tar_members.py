@@ -434,7 +434,8 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[Me
 
         if problem is not None:
             if not seen_any and pos == 0:
-                detail = "not a tar archive (first header is invalid: " + problem + ")"
+                why = _compressed_hint(header) or f"first header is invalid: {problem}"
+                detail = f"not a tar archive ({why})"
             else:
                 detail = f"invalid header: {problem}"
             yield TarProblem("tar_bad_header", pos, detail)
@@ -542,6 +543,19 @@ def _gnu_sparse_ext_blocks(reader: _Reader, base: int, offset: int) -> int:
         count += 1
         if len(block) < BLOCK or not block[504]:
             return count
+
+
+_COMPRESSED_MAGIC = (
+    (b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"), (b"PK\x03\x04", "zip"),
+)
+
+
+def _compressed_hint(header: bytes) -> str | None:
+    for magic, kind in _COMPRESSED_MAGIC:
+        if header.startswith(magic):
+            return f"it is {kind}-compressed; shards must be plain, uncompressed tar files"
+    return None
 
 
 def _check_header(header: bytes) -> str | None:

@@ -177,3 +177,13 @@ def test_records_group_consecutive_members_only(tmp_path: Path) -> None:
     assert [(r.key, r.extensions) for r in records] == [
         ("1", ["jpg", "txt"]), ("2", ["jpg"]), ("1", ["json"]), ("3", ["jpg"])
     ]
+
+
+def test_compressed_archives_get_a_helpful_message(tmp_path: Path, make_shard) -> None:
+    import gzip
+
+    path = make_shard(n=2)
+    gz = tmp_path / "shard.tar"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(TarError, match="gzip-compressed"):
+        read_members(open(gz, "rb"), str(gz))

@@ -53,6 +53,10 @@ def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> 
     current = {s.key: short_fingerprint(s.fingerprint) for s in listing.shards}
 
     new_keys = [k for k in current if k not in existing]
+    gone = sorted(existing.difference(current))
+    if gone:
+        # Kept, not deleted: their materializations and manifests stay visible in the UI.
+        context.log.warning(f"{len(gone)} partition(s) no longer have a shard, e.g. {', '.join(gone[:5])}")
     changed = [k for k, fp in current.items() if k in existing and k in seen and seen[k] != fp]
     run_requests = [
         dg.RunRequest(partition_key=k, run_key=f"{k}@{current[k]}", tags={"curator/reason": "new shard"})
