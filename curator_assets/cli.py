@@ -212,7 +212,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     try:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
-                                hw_decoder_load=args.hw_decoder_load, reader=args.reader)
+                                hw_decoder_load=args.hw_decoder_load, fast_idct=args.fast_idct,
+                                reader=args.reader)
         decoder = ShardDecoder(options)
     except (ValueError, DecodeError) as exc:
         _err(str(exc))
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, metavar="N", help="DALI worker threads (default: one per core)")
     p.add_argument("--hw-decoder-load", type=float, default=0.65, metavar="F",
                    help="share of JPEGs for the GPU's hardware decoder, 0-1 (default: 0.65)")
+    p.add_argument("--fast-idct", action="store_true",
+                   help="libjpeg-turbo's fast IDCT on the CPU path: faster, pixels may differ by a few levels")
     p.add_argument("--reader", choices=("auto", "stream", "dali"), default="auto",
                    help="stream: ranged reads through fsspec (any store); dali: DALI's webdataset reader (local)")
     p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")

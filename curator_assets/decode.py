@@ -103,6 +103,10 @@ class DecodeOptions:
     batch_size: int | None = None  # None: 64 on the CPU, 256 on a GPU
     num_threads: int | None = None  # DALI worker threads; None: every core this process may use
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
+    # libjpeg-turbo's fast integer IDCT on the CPU path (and for images the GPU hands back to
+    # it): ~7% more images/s measured here, at a small loss of accuracy (pixel values may
+    # differ by a few levels). Off by default so that pixels match Pillow's decode.
+    fast_idct: bool = False
     reader: str = "auto"  # auto (= stream) | stream | dali
     device_id: int = 0  # which GPU, when decoding on one
     prefetch: int = 2  # batches read ahead of the decoder
@@ -586,6 +590,8 @@ def _decoder_args(device: DeviceChoice, options: DecodeOptions) -> dict[str, Any
     args: dict[str, Any] = {"device": device.decoder_backend, "output_type": types.RGB, "adjust_orientation": True}
     if device.decoder_backend == "mixed":
         args["hw_decoder_load"] = options.hw_decoder_load
+    if options.fast_idct:
+        args["use_fast_idct"] = True
     return args
 
 
@@ -1199,6 +1205,7 @@ def iter_batches(
     device: str = "auto",
     num_threads: int | None = None,
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
+    fast_idct: bool = False,
     reader: str = "auto",
     storage_options: dict | None = None,
 ) -> Iterator[DecodedBatch]:
@@ -1216,7 +1223,7 @@ def iter_batches(
     memory at any time, whatever the shard size.
     """
     options = DecodeOptions(device=device, batch_size=batch_size, num_threads=num_threads,
-                            hw_decoder_load=hw_decoder_load, reader=reader)
+                            hw_decoder_load=hw_decoder_load, fast_idct=fast_idct, reader=reader)
     decoder = ShardDecoder(options)
     for dataset, key in resolve_shards(shards, storage_options):
         yield from decoder.batches(dataset, key, keep_images=True)

@@ -125,6 +125,19 @@ def test_pixels_equal_pillows_decode_of_the_same_bytes(make_shard):
         assert_close_to_pillow(pixels, expected[record_id])
 
 
+def test_fast_idct_is_applied_and_stays_close(make_shard):
+    path = make_shard(n=6)
+    accurate = {rid: img.copy() for b in iter_batches([str(path)], device="cpu")
+                for rid, img in zip(b.record_ids, b.image_list, strict=True)}
+    fast = {rid: img.copy() for b in iter_batches([str(path)], device="cpu", fast_idct=True)
+            for rid, img in zip(b.record_ids, b.image_list, strict=True)}
+    assert accurate.keys() == fast.keys() and len(fast) == 6
+    diffs = [np.abs(accurate[k].astype(int) - fast[k].astype(int)) for k in fast]
+    assert all(a.shape == f.shape for a, f in zip(accurate.values(), fast.values(), strict=True))
+    assert any(d.max() > 0 for d in diffs)  # the option reached the decoder
+    assert max(d.mean() for d in diffs) < 1.5  # and stays within a few levels on average
+
+
 def test_grayscale_cmyk_progressive_and_exif_rotated_decode_to_rgb(tmp_path, photos):
     img = Image.open(io.BytesIO(photos[0].jpg)).convert("RGB")
     exif = img.getexif()
