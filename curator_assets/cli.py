@@ -60,6 +60,32 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
             yield dataset, shard.key, None
 
 
+def _listed(args: argparse.Namespace, error_row, *, output_url: str | None = None) -> tuple[list, int]:
+    """(dataset, key) for every shard the command line names, and how many paths could not be
+    listed (each already reported on stderr, and with --json as ``error_row(message)``)."""
+    shards, failures = [], 0
+    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir, output_url=output_url,
+                                            storage_options=dict(args.storage_options or [])):
+        if error:
+            failures += 1
+            _err(error)
+            if args.json:
+                print(json.dumps(error_row(error)), flush=True)
+            continue
+        shards.append((dataset, key))
+    return shards, failures
+
+
+def _error_row(dataset, key: str, exc: BaseException) -> dict:
+    """The row for a shard that failed: its URL and a message that names it once."""
+    try:
+        shard_url = dataset.url_of(dataset.shard_path(key))
+    except Exception:  # noqa: BLE001 - the store itself may be what failed
+        shard_url = key
+    msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
+    return {"shard": shard_url, "key": key, "ok": False, "error": msg}
+
+
 def _index_row(target: tuple[object, str, bool]) -> dict:
     """Index one shard; the CLI's row for it (errors included, never raised)."""
     from curator_assets.index import IndexFormatError, ensure_index
@@ -70,12 +96,7 @@ def _index_row(target: tuple[object, str, bool]) -> dict:
     try:
         r = ensure_index(dataset, key, force=force)
     except (TarError, IndexFormatError, StorageError, OSError) as exc:
-        try:
-            shard_url = dataset.url_of(dataset.shard_path(key))
-        except Exception:  # noqa: BLE001 - the store itself may be what failed
-            shard_url = key
-        msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
-        return {"shard": shard_url, "key": key, "ok": False, "error": msg}
+        return _error_row(dataset, key, exc)
     return {
         "shard": r.shard_url, "key": r.key, "ok": True, "index": r.index_url, "records": r.records,
         "members": r.members, "bytes": r.bytes, "seconds": round(r.seconds, 6), "reused": r.reused,
@@ -83,18 +104,8 @@ def _index_row(target: tuple[object, str, bool]) -> dict:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-
-    failures = 0
-    targets = []
-    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir,
-                                            storage_options=dict(args.storage_options or [])):
-        if error:
-            failures += 1
-            _err(error)
-            if args.json:
-                print(json.dumps({"shard": None, "ok": False, "error": error}), flush=True)
-            continue
-        targets.append((dataset, key, args.force))
+    shards, failures = _listed(args, lambda error: {"shard": None, "ok": False, "error": error})
+    targets = [(dataset, key, args.force) for dataset, key in shards]
 
     from curator_assets.parallel import map_shards
 
@@ -155,17 +166,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
-    failed = 0
-    targets = []
-    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir,
-                                            storage_options=dict(args.storage_options or [])):
-        if error:
-            failed += 1
-            _err(error)
-            if args.json:
-                print(json.dumps(unreadable_report(None, error, severities).summary_json()), flush=True)
-            continue
-        targets.append((dataset, key, args.max_pixels, severities))
+    shards, failed = _listed(args, lambda error: unreadable_report(None, error, severities).summary_json())
+    targets = [(dataset, key, args.max_pixels, severities) for dataset, key in shards]
 
     from curator_assets.parallel import map_shards
 
@@ -221,24 +223,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"decoding on {decoder.device.name} ({decoder.device.reason}), batch {decoder.options.batch_size}, "
               f"{options.threads} threads", flush=True)
-    failures = 0
-    for dataset, key, error in iter_targets(args.paths, index_url=args.index_dir, output_url=args.output,
-                                            storage_options=dict(args.storage_options or [])):
-        if error:
-            failures += 1
-            _err(error)
-            if args.json:
-                print(json.dumps({"shard": None, "ok": False, "error": error}), flush=True)
-            continue
+    shards, failures = _listed(args, lambda error: {"shard": None, "ok": False, "error": error},
+                               output_url=args.output)
+    for dataset, key in shards:
         try:
             result, _ = decode_shard(dataset, key, decoder=decoder)
         except (DecodeError, TarError, IndexFormatError, StorageError, OSError) as exc:
             failures += 1
-            shard_url = dataset.url_of(dataset.shard_path(key))
-            msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
-            _err(msg)
+            row = _error_row(dataset, key, exc)
+            _err(row["error"])
             if args.json:
-                print(json.dumps({"shard": shard_url, "key": key, "ok": False, "error": msg}), flush=True)
+                print(json.dumps(row), flush=True)
             continue
         if args.json:
             print(json.dumps({**result.as_dict(), "ok": True}), flush=True)
