@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from curator_assets.tar_members import REGULAR_TYPES, Member, Record, split_key
+from curator_assets.tar_members import REGULAR_TYPES, Member, Record, group_records, split_key
 
 INDEX_VERSION = "v1.2"
 READABLE_VERSIONS = ("v1.1", "v1.2")
@@ -74,7 +74,12 @@ def _check_field(value: str, what: str, member: str) -> None:
     # The format is space-separated: any whitespace in a field would shift every field after it.
     # str.isprintable() is False for every whitespace character but the ASCII space.
     if not value or " " in value or not value.isprintable():
-        shown = "empty" if not value else "contains whitespace or a control character"
+        if not value:
+            shown = "is empty"
+        elif any("\udc80" <= c <= "\udcff" for c in value):  # bytes that were not UTF-8
+            shown = "is not valid UTF-8"
+        else:
+            shown = "contains whitespace or a control character"
         raise IndexFormatError(
             f"member {member!r}: its {what} {shown}, which the .idx format cannot hold; "
             "rename it inside the tar"
@@ -88,7 +93,7 @@ def format_index(records: Iterable[Record]) -> str:
         parts = []
         for ext, m in record.components:
             name = m.name
-            if " " in name or not name.isprintable():
+            if " " in name or not name.isprintable() or not ext:  # an empty one: a name ending in a dot
                 _check_field(ext, "extension", name)
                 _check_field(name, "name", name)
             parts.append(f"{ext} {m.offset} {m.size} {name}")
@@ -125,13 +130,16 @@ def index_bytes_of_members(members: Iterable[Member]) -> tuple[bytes, int, int]:
         if " " in name or not name.isprintable():
             _check_field(name, "name", name)
         key = name[:dot]
+        ext = name[dot + 1 :]
+        if not ext:  # a name ending in a dot: the line would be a field short (DALI rejects it)
+            _check_field(ext, "extension", name)
         components += 1
         if key != last_key:
             if parts:
                 append(" ".join(parts))
             parts = []
             last_key = key
-        parts.append(f"{name[dot + 1:]} {offset} {size} {name}")
+        parts.append(f"{ext} {offset} {size} {name}")
     if parts:
         append(" ".join(parts))
     if not lines:
@@ -240,7 +248,7 @@ def _spot_check(f, index: ShardIndex, shard_size: int) -> bool:
     picks = {0, len(comps) // 2, len(comps) - 1}
     for i in picks:
         c = comps[i]
-        if c.offset % 512 or c.offset + c.size > shard_size:
+        if c.offset < 512 or c.offset % 512 or c.offset + c.size > shard_size:
             return False
         f.seek(c.offset - 512)
         header = f.read(512)
@@ -269,8 +277,9 @@ def ensure_index(
 
     Reuse rules, cheapest first: ``previous`` fingerprints (what the last run recorded) equal
     to the current tar and index fingerprints; else an index newer than the tar whose spot
-    check passes. ``force`` always rebuilds. Raises ``TarError``/``IndexFormatError``/
-    ``StorageError`` naming the shard.
+    check passes (or, when the tar may have been rewritten after the index while keeping an
+    older mtime, that describes every record exactly). ``force`` always rebuilds. Raises
+    ``TarError``/``IndexFormatError``/``StorageError`` naming the shard.
     """
     import time
 
@@ -283,17 +292,26 @@ def ensure_index(
     idx_fp = fingerprint_of(idx_info) if idx_info else None
     idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
 
+    members = None
     if not force and idx_info is not None:
         fresh = False
+        idx_time = _mtime(idx_info)
         if previous and previous.get("tar_fingerprint"):
             # What the last run recorded decides: an unchanged tar and index are reused, a
             # changed tar is always re-indexed (store timestamps can be whole seconds).
             fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
-        elif _mtime(idx_info) is not None and _mtime(idx_info) >= (_mtime(dataset.fs.info(shard.path)) or 0):
+        elif idx_time is not None and idx_time >= (_mtime(tar_info := dataset.fs.info(shard.path)) or 0):
             try:
                 existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
-                with dataset.open_shard(key) as f:
-                    fresh = _spot_check(f, existing, shard.size)
+                if idx_time >= _changed_at(tar_info):
+                    with dataset.open_shard(key) as f:
+                        fresh = _spot_check(f, existing, shard.size)
+                else:
+                    # The tar changed after the index while keeping an older mtime (rsync -a, cp -p,
+                    # a rename over it), or came with it in one download: a few spots cannot tell.
+                    with dataset.open_shard(key) as f:
+                        members = read_members(f, shard.url)
+                    fresh = not index_matches_members(existing, group_records(members))
             except IndexFormatError:
                 fresh = False
         if fresh:
@@ -304,8 +322,9 @@ def ensure_index(
                 time.perf_counter() - start, True, shard.fingerprint, idx_fp,
             )
 
-    with dataset.open_shard(key) as f:
-        members = read_members(f, shard.url)
+    if members is None:
+        with dataset.open_shard(key) as f:
+            members = read_members(f, shard.url)
     try:
         data, n_records, n_components = index_bytes_of_members(members)
     except IndexFormatError as exc:
@@ -319,8 +338,19 @@ def ensure_index(
     )
 
 
+def _changed_at(info: dict) -> float:
+    """When a shard last changed: its mtime, or its ctime (fsspec's local "created") when later.
+    A rewrite that restores an older mtime (``rsync -a``, ``cp -p``, an extracted archive) or a
+    rename over the shard leaves the mtime behind, never the ctime."""
+    times = (_mtime(info), _seconds(info.get("created")))
+    return max((t for t in times if t is not None), default=0.0)
+
+
 def _mtime(info: dict) -> float | None:
-    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    return _seconds(info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated"))
+
+
+def _seconds(value) -> float | None:
     if value is None:
         return None
     if hasattr(value, "timestamp"):

@@ -118,7 +118,9 @@ class LocalFS:
         import stat as stat_mod
 
         kind = "directory" if stat_mod.S_ISDIR(st.st_mode) else "file" if stat_mod.S_ISREG(st.st_mode) else "other"
-        return {"name": path, "size": st.st_size, "type": kind, "mtime": st.st_mtime, "ino": st.st_ino}
+        # "created" is the ctime, as fsspec reports it: index reuse checks it (a rewrite can restore the mtime).
+        return {"name": path, "size": st.st_size, "type": kind, "mtime": st.st_mtime, "created": st.st_ctime,
+                "ino": st.st_ino}
 
     def info(self, path: str) -> dict[str, Any]:
         return self._info(path, os.stat(path))
@@ -135,14 +137,27 @@ class LocalFS:
 
     def find(self, path: str, detail: bool = False, withdirs: bool = False) -> Any:
         out: dict[str, dict[str, Any]] = {}
-        for folder, dirs, files in os.walk(path):
+        # Symlinked folders are followed (datasets assembled from links to other disks), except
+        # links to folders inside the dataset, listed under their own path anyway; each real
+        # folder is listed once, so a link back up the tree cannot loop.
+        root = os.path.realpath(path)
+        listed: set[str] = set()
+        for folder, dirs, files in os.walk(path, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in listed or (folder != path and os.path.islink(folder) and real.startswith(root + os.sep)):
+                dirs.clear()
+                continue
+            listed.add(real)
             dirs.sort()
             for n in sorted(files):
                 full = os.path.join(folder, n)
                 try:
                     out[full] = self._info(full, os.stat(full))
-                except FileNotFoundError:  # removed while listing
-                    continue
+                except FileNotFoundError:
+                    if os.path.islink(full):  # dangling: reported by list_shards, not silently dropped
+                        out[full] = {"name": full, "size": 0, "type": "link", "islink": True,
+                                     "destination": os.readlink(full)}
+                    continue  # else removed while listing
         return out if detail else sorted(out)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -320,11 +335,16 @@ class Dataset:
         prefix = self.root.rstrip("/") + "/"
         seen: dict[str, str] = {}
         for path, info in entries.items():
-            if not path.lower().endswith(".tar") or info.get("type", "file") != "file":
+            if not path.lower().endswith(".tar"):
                 continue
             rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
             parts = rel.split("/")
             if any(p.startswith(".") for p in parts[:-1]) or parts[0] == OUTPUT_DIRNAME:
+                continue
+            if info.get("type", "file") != "file":
+                if info.get("type") == "link":
+                    target = info.get("destination", "?")
+                    listing.rejected.append((self.url_of(path), f"a symbolic link to {target}, which does not exist"))
                 continue
             try:
                 key = key_for_relpath(rel)

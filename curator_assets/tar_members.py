@@ -31,6 +31,9 @@ GNU_SPARSE = "S"
 PAX_HEADER = "x"
 PAX_GLOBAL = "g"
 PAX_SPARSE_KEYS = ("GNU.sparse.major", "GNU.sparse.size", "GNU.sparse.realsize", "GNU.sparse.map")
+# PAX keywords that change a member's name, size or kind. A global header without them (git
+# archive's commit id, a comment) leaves the plain headers after it to the fast path.
+MEMBER_PAX_KEYS = frozenset({"path", "size", "GNU.sparse.name", *PAX_SPARSE_KEYS})
 
 TYPE_NAMES = {
     "0": "file", "\x00": "file", "7": "contiguous file", "1": "hard link", "2": "symlink",
@@ -46,7 +49,7 @@ class Member(NamedTuple):
     name: str
     header_offset: int  # offset of the member's first header (long-name/PAX headers included)
     offset: int  # offset of the member's data, always a multiple of 512
-    size: int
+    size: int  # bytes stored in the tar (for a sparse file, its map and data, not the expanded size)
     type: str  # the typeflag character
     sparse: bool = False
 
@@ -196,6 +199,7 @@ class _Reader:
         self.pos = 0
         self.fd: int | None = None
         self.mm: mmap.mmap | None = None
+        self.last_at, self.last = 0, b""  # a stream's last read, for the steps back a scan takes
         try:
             self.seekable = bool(fileobj.seekable())
         except (AttributeError, OSError, ValueError):
@@ -243,7 +247,7 @@ class _Reader:
         return None
 
     def read_at(self, offset: int, n: int) -> bytes:
-        """Read up to n bytes at offset (offset must be >= the current position if not seekable)."""
+        """Read up to n bytes at offset (a stream can step back only within its last read)."""
         if self.fd is not None:
             data = os.pread(self.fd, n, offset)
             self.pos = offset + len(data)
@@ -254,10 +258,22 @@ class _Reader:
             data = self._read_fully(n)
             self.pos = offset + len(data)
             return data
-        # Stream: discard bytes up to offset, then read.
-        self._discard(offset - self.pos)
-        data = self._read_fully(n)
-        self.pos += len(data)
+        # Stream: discard bytes up to offset, then read. A scan steps back only inside its last
+        # read (the header where the fast loop stopped, a header found by resync in a window).
+        if offset < self.pos:
+            start = offset - self.last_at
+            if start < 0:
+                raise ValueError(f"cannot read a stream backwards (byte {offset}, already at {self.pos})")
+            data = self.last[start : start + n]
+            if len(data) == n:
+                return data
+            more = self._read_fully(n - len(data))  # the last read ended where the stream is
+            data += more
+        else:
+            self._discard(offset - self.pos)
+            more = data = self._read_fully(n)
+        self.last_at, self.last = offset, data
+        self.pos += len(more)
         return data
 
     def _read_fully(self, n: int) -> bytes:
@@ -358,9 +374,12 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
         except UnicodeDecodeError:
             return pos
         data = pos + BLOCK
-        if t == 53:  # directory: no data, reported without the trailing slash as tarfile does
+        # A directory: no data, reported without the trailing slash as tarfile does. Pre-POSIX
+        # tars mark one as an old-style regular file ('\0') whose name ends in a slash.
+        if t != 48 and (t == 53 or (t == 0 and name[-1:] == "/")):
             if len(name) > 1:
                 name = name.rstrip("/")
+            t = 53
             end = data
         else:
             if total_size is not None and data + size > total_size:
@@ -384,11 +403,12 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[Me
     pending_name: str | None = None
     pending_pax: dict[str, str] = {}
     global_pax: dict[str, str] = {}
+    global_changes_members = False
     first_header: int | None = None
     seen_any = False
 
     while True:
-        if pending_name is None and not pending_pax and not global_pax:
+        if pending_name is None and not pending_pax and not global_changes_members:
             batch: list[Member] = []
             pos = _plain_run(reader, base, pos, total_size, batch)
             if batch:
@@ -483,6 +503,9 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[Me
                     pending_pax.update(records)
                 else:
                     global_pax.update(records)
+                    global_changes_members = not MEMBER_PAX_KEYS.isdisjoint(global_pax)
+                    if pending_name is None and not pending_pax:
+                        first_header = None  # the archive's header, not the next member's (as tarfile)
             pos = data_offset + _blocks(size)
             continue
 
@@ -490,6 +513,8 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[Me
         pax = {**global_pax, **pending_pax} if (pending_pax or global_pax) else None
         if pending_name is not None:
             name = pending_name
+        elif pax and "GNU.sparse.name" in pax:  # GNU's PAX sparse formats: "path" is a placeholder
+            name = pax["GNU.sparse.name"]
         elif pax and "path" in pax:
             name = pax["path"]
         else:
@@ -511,6 +536,8 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[Me
                     yield TarProblem("tar_bad_header", pos, "bad PAX size")
                     return
             sparse = sparse or any(k in pax for k in PAX_SPARSE_KEYS)
+        if typeflag == "\x00" and name.endswith("/"):
+            typeflag = "5"  # a pre-POSIX directory, as tarfile and GNU tar read it
         if typeflag == "5" and len(name) > 1:
             name = name.rstrip("/")  # as tarfile reports directories
         # GNU old-style sparse headers may be followed by extension blocks.

@@ -573,7 +573,7 @@ def validate_file(
             elif base:
                 why = "hidden file" if base.startswith(".") else "no extension"
                 out.add("stray_member", f"{why}: not part of any record", None, m.name)
-        elif m.type != "5":  # directories are normal; anything else is not a regular file
+        elif m.type not in ("5", "D"):  # directories (GNU incremental dumps write them as 'D') are normal
             out.add("unsupported_member", f"{m.type_name} member: readers cannot use it", None, m.name)
 
     # 3. Records and their IDs.
@@ -640,6 +640,9 @@ def _check_record_ids(records: list[Record], out: _Collector) -> None:
             for ext in record.extensions:
                 if _BAD_NAME_CHARS.search(ext):
                     why = f"extension {ext!r} contains whitespace or control characters"
+                    break
+                if not ext:
+                    why = "a member name ends in a dot: an empty extension, which the .idx format cannot hold"
                     break
         if why is not None:
             out.add("bad_record_id", why, record.key, record.components[0][1].name)
@@ -828,7 +831,8 @@ def _fast_validate(
     in_key = col < first_dot[:, None]
     if ((fnames[:, :-1] == ord(".")) & (fnames[:, 1:] == ord(".")) & in_key[:, 1:]).any():
         return None  # '..' in a record ID
-    if (f_len - first_dot - 1 > 16).any():
+    ext_len = f_len - first_dot - 1
+    if ((ext_len > 16) | (ext_len == 0)).any():  # long, or empty (a name ending in a dot)
         return None
     keys = (fnames * in_key).view(f"S{width}").ravel()
     name_list = (fnames * f_in).view(f"S{width}").ravel().tolist()
