@@ -65,7 +65,7 @@ CODES: dict[str, tuple[str, str]] = {
     "split_record": (ERROR, "a record's members are not adjacent, so readers see two records"),
     "bad_record_id": (ERROR, "an empty, '..', absolute, non-UTF-8 or whitespace-containing record ID"),
     "missing_image": (WARNING, "a record without a .jpg/.jpeg member"),
-    "stray_member": (WARNING, "a regular file that belongs to no record (no extension, or a hidden file)"),
+    "stray_member": (WARNING, "a file that belongs to no record (no extension, a hidden file) or a volume label"),
     # index
     "idx_missing": (WARNING, "the shard has no .idx"),
     "idx_unreadable": (ERROR, "the .idx cannot be parsed"),
@@ -573,6 +573,8 @@ def validate_file(
             elif base:
                 why = "hidden file" if base.startswith(".") else "no extension"
                 out.add("stray_member", f"{why}: not part of any record", None, m.name)
+        elif m.type == "V":  # a GNU volume label: every reader skips it, so no reason to block a shard
+            out.add("stray_member", f"volume label {m.name!r}: readers skip it", None, m.name)
         elif m.type not in ("5", "D"):  # directories (GNU incremental dumps write them as 'D') are normal
             out.add("unsupported_member", f"{m.type_name} member: readers cannot use it", None, m.name)
 

@@ -400,7 +400,7 @@ def volume_label(root, photos):
     names = stage_files(stage, shard_members(photos, 3))
     gnu_tar(path, stage, names, "--format=gnu", "--label=shard-00000")
     shutil.rmtree(stage)
-    return Case("volume_label", path, Counter(unsupported_member=1), 3)
+    return Case("volume_label", path, Counter(stray_member=1), 3)
 
 
 # -- records -----------------------------------------------------------------------------------
