@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -118,3 +119,46 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
     assert all(r["status"] == "SUCCESS" for r in runs), failures(tmp_path / "home")
     assert (tmp_path / "dataset" / "00000.idx").exists()
     assert (tmp_path / "dataset" / "part-a" / "00001.idx").exists()
+
+
+BACKFILL = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+BACKFILL_STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  __typename ... on PartitionBackfill { status } ... on PythonError { message } } }"""
+ADD_PARTITION = """mutation($sel: RepositorySelector!, $key: String!) {
+  addDynamicPartition(repositorySelector: $sel, partitionsDefName: "shards", partitionKey: $key) {
+    __typename ... on PythonError { message } } }"""
+
+
+def test_a_backfill_over_every_shard_indexes_validates_and_decodes(dagster_dev) -> None:
+    """What a user does from the UI: add the shards, backfill the per-shard assets over all
+    partitions, and read the manifests afterwards."""
+    import pyarrow.parquet as pq
+
+    url, tmp_path = dagster_dev
+    repo = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
+    for key in ("00000", "part-a/00001"):
+        added = gql(url, ADD_PARTITION, {"sel": repo, "key": key})["addDynamicPartition"]
+        assert added["__typename"] == "AddDynamicPartitionSuccess", added
+    params = {
+        "assetSelection": [{"path": [name]} for name in ("shard_index", "shard_validation", "decoded_images")],
+        "allPartitions": True,
+        "title": "all shards",
+    }
+    launched = gql(url, BACKFILL, {"params": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    deadline = time.time() + 300
+    status = None
+    while time.time() < deadline:
+        status = gql(url, BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
+        if status not in ("REQUESTED", "CANCELING", "FAILING"):
+            break
+        time.sleep(2)
+    assert status == "COMPLETED_SUCCESS", (status, failures(tmp_path / "home"))
+    dataset = tmp_path / "dataset"
+    for key, shard in (("00000", dataset / "00000.tar"), ("part-a/00001", dataset / "part-a" / "00001.tar")):
+        manifest = pq.read_table(dataset / "_curator" / "manifests" / f"{key}.parquet").to_pandas()
+        with tarfile.open(shard) as tar:
+            keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})
+        assert sorted(manifest["record_id"]) == keys
+        assert manifest["decoded"].all()
