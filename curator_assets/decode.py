@@ -124,6 +124,8 @@ class DecodeOptions:
             raise ValueError(f"hw_decoder_load must be between 0 and 1, not {self.hw_decoder_load}")
         if self.prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {self.prefetch}")
+        if self.device_id < 0:
+            raise ValueError(f"device_id must be 0 or more, not {self.device_id}")
 
     @property
     def threads(self) -> int:
@@ -1208,11 +1210,13 @@ def iter_batches(
     fast_idct: bool = False,
     reader: str = "auto",
     storage_options: dict | None = None,
+    device_id: int = 0,
 ) -> Iterator[DecodedBatch]:
     """Decoded images of one or more shards, batch by batch, in tar order.
 
     ``shards``: paths or URLs of ``.tar`` files (or of folders of them), or ``(Dataset, key)``
-    pairs; ``storage_options`` are fsspec options for the paths and URLs. Each batch covers at
+    pairs; ``storage_options`` are fsspec options for the paths and URLs; ``device_id`` picks the
+    GPU on a machine with several. Each batch covers at
     most ``batch_size`` consecutive records of one shard: ``batch.record_ids`` and
     ``batch.image_list`` hold the decoded ones (IDs from the member names), ``batch.rows`` every
     record of the stretch with its manifest row (caption, JSON, error). Images are HWC ``uint8``
@@ -1223,7 +1227,8 @@ def iter_batches(
     memory at any time, whatever the shard size.
     """
     options = DecodeOptions(device=device, batch_size=batch_size, num_threads=num_threads,
-                            hw_decoder_load=hw_decoder_load, fast_idct=fast_idct, reader=reader)
+                            hw_decoder_load=hw_decoder_load, fast_idct=fast_idct, reader=reader,
+                            device_id=device_id)
     decoder = ShardDecoder(options)
     for dataset, key in resolve_shards(shards, storage_options):
         yield from decoder.batches(dataset, key, keep_images=True)

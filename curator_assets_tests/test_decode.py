@@ -95,6 +95,14 @@ def without_segment(jpeg: bytes, marker: int) -> bytes:
     return bytes(out)
 
 
+def header_only(jpeg: bytes) -> bytes:
+    """The JPEG's segments up to its first scan, then the end-of-image marker: no image data."""
+    pos = 2
+    while jpeg[pos + 1] != 0xDA:
+        pos += 2 + ((jpeg[pos + 2] << 8) | jpeg[pos + 3])
+    return jpeg[:pos] + b"\xff\xd9"
+
+
 def photo_members(photos: list[PhotoRecord]) -> list[tuple[str, bytes]]:
     out = []
     for p in photos:
@@ -498,17 +506,23 @@ needs_gpu = pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA GP
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_decode_matches_pillow_and_exports_dlpack(make_shard):
+    from nvidia.dali.tensors import TensorGPU
+
     path = make_shard(n=12)
     expected = {key: dict((e, d) for e, _, d in comps)["jpg"] for key, comps in tar_records(path)}
     n = 0
     for batch in iter_batches([str(path)], batch_size=5, device="gpu"):
         assert batch.device == "gpu"
         for record_id, tensor in zip(batch.record_ids, batch.image_list, strict=True):
-            assert hasattr(tensor, "__dlpack__") and tensor.__dlpack_device__()[0] == 2  # kDLCUDA
-            pixels = np.asarray(tensor.as_cpu())
+            assert tensor.__dlpack_device__()[0] == 2  # kDLCUDA
+            # Consumed through DLPack (by DALI itself: torch and cupy are no dependency), then copied to host.
+            pixels = np.asarray(TensorGPU(tensor.__dlpack__()).as_cpu())
+            assert np.array_equal(pixels, np.asarray(tensor.as_cpu()))
+            cai = tensor.__cuda_array_interface__
+            assert tuple(cai["shape"]) == pixels.shape and np.dtype(cai["typestr"]) == np.uint8
             # nvJPEG / the hardware decoder upsample chroma differently from libjpeg-turbo.
             expected_px = pillow_rgb(expected[record_id]).astype(np.int16)
-            assert pixels.shape == expected_px.shape
+            assert pixels.shape == expected_px.shape and pixels.dtype == np.uint8
             assert np.abs(pixels.astype(np.int16) - expected_px).mean() < 3.0
             n += 1
     assert n == 12
@@ -517,12 +531,23 @@ def test_gpu_decode_matches_pillow_and_exports_dlpack(make_shard):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_manifest_matches_the_cpu_manifest(tmp_path, photos):
-    members = photo_members(photos[:8]) + [("bad.jpg", without_segment(photos[8].jpg, 0xDB))]
+    # "bad": a frame header and no image data, which every decoder refuses; "no-dqt": no
+    # quantization tables, which libjpeg-turbo refuses but the JPEG standard leaves undefined, so
+    # nvJPEG may decode it: either way it must come out, decoded or with its error.
+    members = photo_members(photos[:4]) + [("bad.jpg", header_only(photos[8].jpg)),
+                                           ("no-dqt.jpg", without_segment(photos[9].jpg, 0xDB))]
+    members += photo_members(photos[4:8])
     path = write_members(tmp_path / "ds" / "00000.tar", members)
     ensure_index(Dataset(str(path)), "00000")
     _, cpu_rows = decode_shard(Dataset(str(path)), "00000", CPU, write=False)
-    result, gpu_rows = decode_shard(Dataset(str(path)), "00000", DecodeOptions(device="gpu", batch_size=4),
-                                    write=False)
-    assert result.device == "gpu"
     keep = ("record_id", "width", "height", "channels", "decoded", "sha256", "caption", "metadata")
-    assert [[getattr(r, k) for k in keep] for r in gpu_rows] == [[getattr(r, k) for k in keep] for r in cpu_rows]
+    expected = [[getattr(r, k) for k in keep] for r in cpu_rows if r.record_id != "no-dqt"]
+    for reader in ("stream", "dali"):
+        result, gpu_rows = decode_shard(Dataset(str(path)), "00000",
+                                        DecodeOptions(device="gpu", batch_size=4, reader=reader), write=False)
+        assert result.device == "gpu" and result.reader == reader
+        assert [r.record_id for r in gpu_rows] == [r.record_id for r in cpu_rows]
+        assert [[getattr(r, k) for k in keep] for r in gpu_rows if r.record_id != "no-dqt"] == expected
+        bad, no_dqt = rows_by_id(gpu_rows)["bad"], rows_by_id(gpu_rows)["no-dqt"]
+        assert not bad.decoded and "DALI could not decode" in bad.error
+        assert no_dqt.decoded or "DALI could not decode" in no_dqt.error
