@@ -211,15 +211,6 @@ def index_matches_members(index: ShardIndex, records: list[Record]) -> list[str]
     return diffs
 
 
-def members_of_index(index: ShardIndex) -> list[Member]:
-    """The members an index describes, as :class:`Member` values (names only for v1.2)."""
-    out = []
-    for rec in index.records:
-        for c in rec.components:
-            out.append(Member(c.name or "", c.offset - 512, c.offset, c.size, "0"))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Building an index for a shard of a dataset
 
@@ -295,13 +286,15 @@ def ensure_index(
     members = None
     if not force and idx_info is not None:
         fresh = False
+        existing: ShardIndex | None = None
         idx_time = _mtime(idx_info)
-        if previous and previous.get("tar_fingerprint"):
-            # What the last run recorded decides: an unchanged tar and index are reused, a
-            # changed tar is always re-indexed (store timestamps can be whole seconds).
-            fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
-        elif idx_time is not None and idx_time >= (_mtime(tar_info := dataset.fs.info(shard.path)) or 0):
-            try:
+        tar_info = shard.info or dataset.fs.info(shard.path)
+        try:
+            if previous and previous.get("tar_fingerprint"):
+                # What the last run recorded decides: an unchanged tar and index are reused, a
+                # changed tar is always re-indexed (store timestamps can be whole seconds).
+                fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
+            elif idx_time is not None and idx_time >= (_mtime(tar_info) or 0):
                 existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
                 if idx_time >= _changed_at(tar_info):
                     with dataset.open_shard(key) as f:
@@ -312,10 +305,11 @@ def ensure_index(
                     with dataset.open_shard(key) as f:
                         members = read_members(f, shard.url)
                     fresh = not index_matches_members(existing, group_records(members))
-            except IndexFormatError:
-                fresh = False
+            if fresh and existing is None:
+                existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
+        except IndexFormatError:
+            fresh = False
         if fresh:
-            existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
             return IndexResult(
                 key, shard.url, idx_url, len(existing),
                 sum(len(r.components) for r in existing.records), shard.size,

@@ -76,6 +76,7 @@ class ShardInfo(NamedTuple):
     url: str  # the same, protocol-qualified, for logs and manifests
     size: int
     fingerprint: str
+    info: dict[str, Any] | None = None  # the store's own details (times), where already fetched
 
 
 class Listing:
@@ -373,7 +374,7 @@ class Dataset:
     def shard(self, key: str) -> ShardInfo:
         path = self.shard_path(key)
         info = self._info(path)
-        return ShardInfo(key, path, self.url_of(path), int(info.get("size") or 0), fingerprint_of(info))
+        return ShardInfo(key, path, self.url_of(path), int(info.get("size") or 0), fingerprint_of(info), info)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -296,6 +296,7 @@ def bad_checksum_image(root, photos):
 
 @case()
 def bad_magic(root, photos):
+    # The ustar magic overwritten with junk (checksum recomputed): a header no tar reader accepts.
     return _damaged_header(root, photos, "bad_magic", 5, 257, b"XXXXX\0", fix=True)
 
 
@@ -371,26 +372,27 @@ def _sparse_file(stage: Path) -> str:
     return "holes.bin"
 
 
+def _sparse_case(root, photos, name: str, fmt: str) -> Case:
+    """Three records and a sparse file, written by GNU tar itself in format ``fmt``."""
+    path = _target(root, name)
+    stage = root / f"_stage_{name}"
+    names = stage_files(stage, shard_members(photos, 3))
+    gnu_tar(path, stage, names + [_sparse_file(stage)], f"--format={fmt}", "--sparse")
+    shutil.rmtree(stage)
+    return Case(name, path, Counter(unsupported_member=1), 3)
+
+
 @case()
 def sparse_gnu_tar(root, photos):
-    path = _target(root, "sparse_gnu_tar")
-    stage = root / "_stage_sparse_gnu"
-    names = stage_files(stage, shard_members(photos, 3))
-    gnu_tar(path, stage, names + [_sparse_file(stage)], "--format=gnu", "--sparse")
-    shutil.rmtree(stage)
-    sparse = [m.name for m in layout(path) if m.issparse()]
+    case = _sparse_case(root, photos, "sparse_gnu_tar", "gnu")
+    sparse = [m.name for m in layout(case.path) if m.issparse()]
     assert sparse == ["holes.bin"], f"GNU tar did not write a sparse member: {sparse}"
-    return Case("sparse_gnu_tar", path, Counter(unsupported_member=1), 3)
+    return case
 
 
 @case()
 def sparse_pax_tar(root, photos):
-    path = _target(root, "sparse_pax_tar")
-    stage = root / "_stage_sparse_pax"
-    names = stage_files(stage, shard_members(photos, 3))
-    gnu_tar(path, stage, names + [_sparse_file(stage)], "--format=pax", "--sparse")
-    shutil.rmtree(stage)
-    return Case("sparse_pax_tar", path, Counter(unsupported_member=1), 3)
+    return _sparse_case(root, photos, "sparse_pax_tar", "pax")
 
 
 @case()
