@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from curator_assets.storage import modified_at
 from curator_assets.tar_members import REGULAR_TYPES, Member, Record, group_records, split_key
 
 INDEX_VERSION = "v1.2"
@@ -287,14 +288,14 @@ def ensure_index(
     if not force and idx_info is not None:
         fresh = False
         existing: ShardIndex | None = None
-        idx_time = _mtime(idx_info)
+        idx_time = modified_at(idx_info)
         tar_info = shard.info or dataset.fs.info(shard.path)
         try:
             if previous and previous.get("tar_fingerprint"):
                 # What the last run recorded decides: an unchanged tar and index are reused, a
                 # changed tar is always re-indexed (store timestamps can be whole seconds).
                 fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
-            elif idx_time is not None and idx_time >= (_mtime(tar_info) or 0):
+            elif idx_time is not None and idx_time >= (modified_at(tar_info) or 0):
                 existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
                 if idx_time >= _changed_at(tar_info):
                     with dataset.open_shard(key) as f:
@@ -336,20 +337,6 @@ def _changed_at(info: dict) -> float:
     """When a shard last changed: its mtime, or its ctime (fsspec's local "created") when later.
     A rewrite that restores an older mtime (``rsync -a``, ``cp -p``, an extracted archive) or a
     rename over the shard leaves the mtime behind, never the ctime."""
-    times = (_mtime(info), _seconds(info.get("created")))
+    created = info.get("created")
+    times = (modified_at(info), modified_at({"mtime": created}) if created is not None else None)
     return max((t for t in times if t is not None), default=0.0)
-
-
-def _mtime(info: dict) -> float | None:
-    return _seconds(info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated"))
-
-
-def _seconds(value) -> float | None:
-    if value is None:
-        return None
-    if hasattr(value, "timestamp"):
-        return value.timestamp()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None

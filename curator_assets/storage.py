@@ -70,6 +70,26 @@ def fingerprint_of(info: dict[str, Any]) -> str:
     return f"mtime:{mtime}:{size}"
 
 
+def modified_at(info: dict[str, Any]) -> float | None:
+    """An object's modification time in seconds, whichever way the store reports it (a number,
+    a datetime, or an ISO 8601 string such as GCS's ``updated``); None when it does not."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        from datetime import datetime
+
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
 class ShardInfo(NamedTuple):
     key: str
     path: str  # the fsspec path of the tar (no protocol)

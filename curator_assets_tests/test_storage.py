@@ -138,3 +138,16 @@ def test_unwritable_index_location(tmp_path: Path, make_shard) -> None:
     ds = Dataset(str(tmp_path / "dataset"), index_url=str(blocker / "idx"))
     with pytest.raises(StorageError, match="cannot write"):
         ensure_index(ds, "00000")
+
+
+def test_modified_time_in_every_form_a_store_reports() -> None:
+    import datetime
+
+    from curator_assets.storage import modified_at
+
+    when = datetime.datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=datetime.timezone.utc)
+    assert modified_at({"mtime": when.timestamp()}) == when.timestamp()  # local disk
+    assert modified_at({"LastModified": when}) == when.timestamp()  # S3
+    assert modified_at({"last_modified": when}) == when.timestamp()  # Azure
+    assert modified_at({"updated": "2026-11-24T10:00:00.123Z"}) == when.timestamp()  # GCS
+    assert modified_at({"size": 3}) is None
