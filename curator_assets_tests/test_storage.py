@@ -145,7 +145,7 @@ def test_modified_time_in_every_form_a_store_reports() -> None:
 
     from curator_assets.storage import modified_at
 
-    when = datetime.datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=datetime.UTC)
     assert modified_at({"mtime": when.timestamp()}) == when.timestamp()  # local disk
     assert modified_at({"LastModified": when}) == when.timestamp()  # S3
     assert modified_at({"last_modified": when}) == when.timestamp()  # Azure
