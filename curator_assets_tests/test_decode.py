@@ -240,7 +240,7 @@ def test_a_corrupt_image_is_isolated_and_the_rest_decode(tmp_path, photos):
     assert "not an image" in failed["r09"]
     assert "empty" in failed["r10"]
     assert result.failed == 4 and result.decoded == 8
-    assert decoder.streaming.builds >= 2  # DALI failed a batch: its records went one by one, the rest on
+    assert sum(d.builds for d in decoder.decoders) > len(decoder.decoders)  # DALI failed a batch: its records went one by one
     # The records decoded beside the bad ones are right, and keep their captions.
     by_id = rows_by_id(rows)
     for n in (0, 2, 4, 7, 11):
