@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when a CUDA device is usable, else the CPU (default)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per DALI batch (default: 64 on the CPU, 256 on a GPU)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="DALI worker threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="DALI worker threads in all, shared by its pipelines (default: one per core)")
     p.add_argument("--hw-decoder-load", type=float, default=0.65, metavar="F",
                    help="share of JPEGs for the GPU's hardware decoder, 0-1 (default: 0.65)")
     p.add_argument("--fast-idct", action="store_true",

@@ -13,6 +13,7 @@ points at the long-name header instead of the data) ours is correct.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import NamedTuple
 
 from curator_assets.storage import modified_at
@@ -34,10 +35,11 @@ class IndexComponent(tuple):
     def __new__(cls, ext: str, offset: int, size: int, name: str | None):
         return tuple.__new__(cls, (ext, offset, size, name))
 
-    ext = property(lambda self: self[0])
-    offset = property(lambda self: self[1])
-    size = property(lambda self: self[2])
-    name = property(lambda self: self[3])
+    # itemgetter, not lambdas: these are read per member on the decode hot path.
+    ext = property(itemgetter(0))
+    offset = property(itemgetter(1))
+    size = property(itemgetter(2))
+    name = property(itemgetter(3))
 
 
 class IndexRecord(NamedTuple):
