@@ -266,6 +266,27 @@ def test_a_corrupt_image_is_isolated_and_the_rest_decode(tmp_path, photos):
     assert decoded_ids == [f"r{n:02d}" for n in range(12) if f"r{n:02d}" not in bad]
 
 
+def test_any_number_of_pipelines_gives_the_same_manifest_in_tar_order(tmp_path, photos):
+    # Bad records in several batches, so failed batches on different pipelines are replayed
+    # one record at a time while other batches decode beside them.
+    bad = {3: photos[3].jpg[:200], 9: without_segment(photos[9].jpg, 0xDB), 14: b"\x00" * 64}
+    members = []
+    for n, p in enumerate(photos[:16]):
+        members += [(f"k{n:02d}.jpg", bad.get(n, p.jpg)), (f"k{n:02d}.txt", p.caption.encode())]
+    path = write_members(tmp_path / "ds" / "00000.tar", members)
+    ensure_index(Dataset(str(path)), "00000")
+    manifests = {}
+    for pipelines in (1, 2, 3):
+        options = DecodeOptions(device="cpu", batch_size=3, pipelines=pipelines)
+        _, rows = decode_shard(Dataset(str(path)), "00000", options, write=False)
+        manifests[pipelines] = [dataclasses.asdict(r) for r in rows]
+    assert [r["record_id"] for r in manifests[1]] == [f"k{n:02d}" for n in range(16)]
+    assert {r["record_id"] for r in manifests[1] if not r["decoded"]} == {f"k{n:02d}" for n in bad}
+    assert manifests[2] == manifests[1] and manifests[3] == manifests[1]
+    with pytest.raises(ValueError, match="pipelines"):
+        DecodeOptions(pipelines=0)
+
+
 def test_record_ids_come_from_member_names_not_positions(tmp_path, photos):
     keys = ["zebra-7", "0042", "a/b.c/000031", "0001", "ünïcode-名前"]
     members = []
