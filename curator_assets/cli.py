@@ -215,14 +215,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
     try:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
                                 hw_decoder_load=args.hw_decoder_load, fast_idct=args.fast_idct,
-                                reader=args.reader)
+                                reader=args.reader, pipelines=args.pipelines)
         decoder = ShardDecoder(options)
     except (ValueError, DecodeError) as exc:
         _err(str(exc))
         return 2
     if not args.json:
         print(f"decoding on {decoder.device.name} ({decoder.device.reason}), batch {decoder.options.batch_size}, "
-              f"{options.threads} threads", flush=True)
+              f"{options.threads} threads on {options.pipelines} pipeline(s)", flush=True)
     shards, failures = _listed(args, lambda error: {"shard": None, "ok": False, "error": error},
                                output_url=args.output)
     for dataset, key in shards:
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per DALI batch (default: 64 on the CPU, 256 on a GPU)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="DALI worker threads in all, shared by its pipelines (default: one per core)")
+    p.add_argument("--pipelines", type=int, default=2, metavar="N",
+                   help="DALI pipelines decoding batches side by side (default: 2)")
     p.add_argument("--hw-decoder-load", type=float, default=0.65, metavar="F",
                    help="share of JPEGs for the GPU's hardware decoder, 0-1 (default: 0.65)")
     p.add_argument("--fast-idct", action="store_true",

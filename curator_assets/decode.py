@@ -1136,6 +1136,7 @@ def iter_batches(
     reader: str = "auto",
     storage_options: dict | None = None,
     device_id: int = 0,
+    pipelines: int = 2,
 ) -> Iterator[DecodedBatch]:
     """Decoded images of one or more shards, batch by batch, in tar order.
 
@@ -1153,7 +1154,7 @@ def iter_batches(
     """
     options = DecodeOptions(device=device, batch_size=batch_size, num_threads=num_threads,
                             hw_decoder_load=hw_decoder_load, fast_idct=fast_idct, reader=reader,
-                            device_id=device_id)
+                            device_id=device_id, pipelines=pipelines)
     decoder = ShardDecoder(options)
     for dataset, key in resolve_shards(shards, storage_options):
         yield from decoder.batches(dataset, key, keep_images=True)

@@ -504,7 +504,7 @@ def test_cli_decode_writes_manifests_and_reports_each_shard(tmp_path, photos, ca
     write_members(ds / "00001.tar", photo_members(photos[4:6]) + [("bad.jpg", b"junk")])
     out = tmp_path / "out"
     rc = cli.main(["decode", str(ds), "--output", str(out), "--device", "cpu", "--batch-size", "2",
-                   "--threads", "1", "--json"])
+                   "--threads", "1", "--pipelines", "3", "--json"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0
     counts = [(r["key"], r["records"], r["decoded"], r["failed"]) for r in lines]
@@ -516,6 +516,10 @@ def test_cli_decode_writes_manifests_and_reports_each_shard(tmp_path, photos, ca
     rc = cli.main(["decode", str(ds / "00001.tar"), "--output", str(out), "--device", "cpu"])
     text = capsys.readouterr().out
     assert rc == 0 and "decoded 2/3, 1 failed" in text and "bad: not an image" in text
+    assert "on 2 pipeline(s)" in text
+
+    rc = cli.main(["decode", str(ds), "--output", str(out), "--device", "cpu", "--pipelines", "0"])
+    assert rc == 2 and "pipelines must be at least 1" in capsys.readouterr().err
 
     rc = cli.main(["decode", str(tmp_path / "missing"), "--output", str(out), "--device", "cpu"])
     assert rc == 1 and "missing" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_decode_config_reaches_the_decoder_and_bad_config_fails_clearly(tmp_path
     storage = ShardStorage(dataset_url=str(folder))
     instance.add_dynamic_partitions(shards.name, ["00000"])
     config = {"ops": {"decoded_images": {"config": {"device": "cpu", "batch_size": 2, "num_threads": 1,
-                                                    "reader": "dali"}}}}
+                                                    "pipelines": 1, "reader": "dali"}}}}
     result = dg.materialize([shard_index, decoded_images], partition_key="00000", instance=instance,
                             resources={"storage": storage}, run_config=config)
     md = result.asset_materializations_for_node("decoded_images")[0].metadata

@@ -154,7 +154,8 @@ def dataset_validation_summary(context: dg.AssetExecutionContext, storage: Shard
 class DecodedImagesConfig(dg.Config):
     device: str = "auto"  # auto | cpu | gpu: auto takes the GPU when a CUDA device is usable
     batch_size: int = 0  # images per DALI batch; 0: 64 on the CPU, 256 on a GPU
-    num_threads: int = 0  # DALI worker threads; 0: every core
+    num_threads: int = 0  # DALI worker threads in all, shared by the pipelines; 0: one per core
+    pipelines: int = 2  # DALI pipelines decoding batches side by side
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD  # share of JPEGs for the hardware decoder (A100/H100)
     fast_idct: bool = False  # libjpeg-turbo's fast IDCT on the CPU path: faster, pixels off by a few levels
     reader: str = "auto"  # auto | stream | dali (DALI's own webdataset reader; local shards)
@@ -177,6 +178,7 @@ def decoded_images(
         options = DecodeOptions(
             device=config.device, batch_size=config.batch_size or None, num_threads=config.num_threads or None,
             hw_decoder_load=config.hw_decoder_load, fast_idct=config.fast_idct, reader=config.reader,
+            pipelines=config.pipelines,
         )
     except ValueError as exc:
         raise dg.Failure(description=f"decoded_images config: {exc}", allow_retries=False) from exc
