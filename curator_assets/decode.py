@@ -494,7 +494,7 @@ class ShardReader:
     def read_batch(self, records: Sequence[PlannedRecord]) -> EncodedBatch:
         size = self.plan.shard_size
         # Each needed member with its header block: [offset - 512, offset + size).
-        spans = sorted((c[1] - 512, c[1] + c[2]) for r in records for c in r.needed)
+        spans = sorted((c.offset - 512, c.offset + c.size) for r in records for c in r.needed)
         runs: list[list[int]] = []  # [start, end] of merged runs
         for s, e in spans:
             s, e = max(s, 0), min(e, size)
@@ -511,43 +511,39 @@ class ShardReader:
             bytes_read += len(data)
             buffers.append((s, s + len(data), memoryview(data)))
         starts = [b[0] for b in buffers]
-        out = [self._encoded(rec, buffers, starts) for rec in records]
-        return EncodedBatch(out, bytes_read)
 
-    def _encoded(self, rec: PlannedRecord, buffers: list[tuple[int, int, memoryview]], starts: list[int]
-                 ) -> EncodedRecord:
-        # Per record on the hot path: kept lean (one lookup per component, no helper calls when
-        # everything is in order), ~15 us of Python per record besides hashing.
         def view(start: int, end: int) -> memoryview | None:
             """Bytes [start, end) of the shard, or None when the tar ends before ``end``."""
-            if len(buffers) == 1:
-                s, e, data = buffers[0]
-            else:
-                i = bisect.bisect_right(starts, start) - 1
-                if i < 0:
-                    return None
-                s, e, data = buffers[i]
+            i = bisect.bisect_right(starts, start) - 1 if len(buffers) > 1 else 0
+            if i < 0 or not buffers:
+                return None
+            s, e, data = buffers[i]
             if end > e or start < s:
                 return None
             return data[start - s : end - s]
 
+        return EncodedBatch([self._encoded(rec, view) for rec in records], bytes_read)
+
+    def _encoded(self, rec: PlannedRecord, view) -> EncodedRecord:
+        # Per record on the hot path: kept lean (one view per component, helpers only when
+        # something is wrong), ~15 us of Python per record besides hashing.
         img = rec.image
-        row = ManifestRow(rec.position, rec.record_id, self.plan.key, extensions=[c[0] for c in rec.components])
+        row = ManifestRow(rec.position, rec.record_id, self.plan.key, extensions=[c.ext for c in rec.components])
         enc = EncodedRecord(rec, row)
         if img is not None:
-            row.member, row.offset, row.size = img[3], img[1], img[2]
+            row.member, row.offset, row.size = img.name, img.offset, img.size
         if self.plan.verify_headers:
             for comp in rec.needed:
-                header = view(comp[1] - 512, comp[1]) if comp[1] >= 512 else None
+                header = view(comp.offset - 512, comp.offset) if comp.offset >= 512 else None
                 if header is not None and not _header_agrees(header, comp):
                     why = _header_problem(bytes(header), comp) or "its header disagrees"
                     raise StaleIndexError(_stale_message(self.plan, comp, why))
         if rec.caption is not None:
-            data = view(rec.caption[1], rec.caption[1] + rec.caption[2])
+            data = view(rec.caption.offset, rec.caption.offset + rec.caption.size)
             if data is not None:
                 row.caption = str(data, "utf-8", "replace")
         if rec.metadata is not None:
-            data = view(rec.metadata[1], rec.metadata[1] + rec.metadata[2])
+            data = view(rec.metadata.offset, rec.metadata.offset + rec.metadata.size)
             if data is None:
                 row.metadata_error = "the .json runs past the end of the shard"
             else:
@@ -556,7 +552,7 @@ class ShardReader:
             found = ", ".join(row.extensions) or "none"
             row.error = f"no image member (components: {found})"
             return enc
-        data = view(img[1], img[1] + img[2])
+        data = view(img.offset, img.offset + img.size)
         if data is None:
             row.error = f"image data runs past the end of the shard ({self.plan.shard_size} bytes): tar truncated"
             return enc
@@ -593,6 +589,12 @@ def _dali():
     from nvidia.dali import fn, pipeline_def, types
 
     return fn, pipeline_def, types
+
+
+def _tensor_list_cpu():
+    from nvidia.dali.tensors import TensorListCPU
+
+    return TensorListCPU
 
 
 def _decoder_args(device: DeviceChoice, options: DecodeOptions) -> dict[str, Any]:
@@ -658,17 +660,16 @@ class ImageDecoder:
 
         self.pipe = pipeline()
         self.pipe.build()
+        self._tensor_list = _tensor_list_cpu()
         self.builds += 1
 
     def run(self, arrays: Sequence[np.ndarray]):
         """Decode; returns DALI's output batch or raises :class:`BatchDecodeFailed`."""
-        from nvidia.dali.tensors import TensorListCPU
-
         if self.pipe is None:
             self.build()
         try:
             # One copy into one buffer, in C++: a list of arrays costs DALI ~5 us of Python per sample.
-            self.pipe.feed_input("encoded", TensorListCPU(list(arrays), ""))
+            self.pipe.feed_input("encoded", self._tensor_list(list(arrays), ""))
             (out,) = self.pipe.run()
         except RuntimeError as exc:
             # Start again from a fresh pipeline: cheap (milliseconds), and nothing carries over.

@@ -297,7 +297,7 @@ def bad_checksum_image(root, photos):
 @case()
 def bad_magic(root, photos):
     # The ustar magic overwritten with junk (checksum recomputed): a header no tar reader accepts.
-    return _damaged_header(root, photos, "bad_magic", 5, 257, b"XXXXX\0", fix=True)
+    return _damaged_header(root, photos, "bad_magic", 5, 257, b"NOTAR\0", fix=True)
 
 
 @case()
