@@ -1159,3 +1159,27 @@ def iter_batches(
     decoder = ShardDecoder(options)
     for dataset, key in resolve_shards(shards, storage_options):
         yield from decoder.batches(dataset, key, keep_images=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One decoder per process: building DALI pipelines costs ~0.3-1 s (more on a GPU), so every
+# shard decoded in a process (a Dagster run's steps, `curator-assets run`) shares them.
+
+_SHARED: dict[tuple, ShardDecoder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_decoder(options: DecodeOptions | None = None) -> ShardDecoder:
+    """The process's :class:`ShardDecoder` for these options, built on first use."""
+    options = options or DecodeOptions()
+    key = dataclasses.astuple(options)
+    with _SHARED_LOCK:
+        decoder = _SHARED.get(key)
+        if decoder is None:
+            decoder = _SHARED[key] = ShardDecoder(options)
+        return decoder
+
+
+def shared_decoders_built() -> int:
+    """How many shared decoders this process has built (one per distinct set of options)."""
+    return len(_SHARED)

@@ -11,7 +11,7 @@ from curator_assets.defs.resources import ShardStorage, storage_from_env
 def build_definitions(storage: ShardStorage | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules([assets]),
-        asset_checks=dg.load_asset_checks_from_modules([assets, checks]),
+        asset_checks=dg.load_asset_checks_from_modules([checks]),
         jobs=[jobs.shard_pipeline],
         sensors=[sensors.shard_sensor],
         schedules=[schedules.catch_up_schedule],

@@ -1,10 +1,21 @@
 """Per-shard assets. Each body resolves the shard, calls the core, and reports metadata."""
 
 
+from collections.abc import Iterator
+
 import dagster as dg
 
-from curator_assets.decode import DEFAULT_HW_DECODER_LOAD, DecodeError, DecodeOptions, decode_shard
-from curator_assets.defs.partitions import shards
+from curator_assets.decode import DEFAULT_HW_DECODER_LOAD, DecodeError, DecodeOptions, decode_shard, shared_decoder
+from curator_assets.defs.checks import (
+    INDEX_CHECKS,
+    INDEX_WRITTEN,
+    NO_ERRORS,
+    RECORDS_READABLE,
+    VALIDATION_CHECKS,
+    evaluation,
+    validation_evaluations,
+)
+from curator_assets.defs.partitions import BACKFILL_POLICY, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.index import IndexFormatError, ensure_index
 from curator_assets.manifest import markdown_preview
@@ -19,10 +30,17 @@ class ShardIndexConfig(dg.Config):
     force: bool = False  # rebuild even when the existing index is up to date
 
 
-def last_metadata(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> dict[str, object]:
-    """Metadata of this partition's latest materialization of ``asset_key`` (raw values)."""
+# Every per-shard asset takes several shards per run (see partitions.py): one step loops over
+# ``context.partition_keys`` and records each shard's materialization metadata and check
+# results under its own partition. A shard that fails is data, not an exception, until the
+# last step: raising would skip the downstream steps of every other shard of the run.
+PER_SHARD = {"partitions_def": shards, "group_name": SHARD_GROUP, "backfill_policy": BACKFILL_POLICY}
+
+
+def last_metadata(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, key: str) -> dict[str, object]:
+    """Metadata of partition ``key``'s latest materialization of ``asset_key`` (raw values)."""
     result = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[context.partition_key]), limit=1
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[key]), limit=1
     )
     if not result.records:
         return {}
@@ -32,55 +50,58 @@ def last_metadata(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> 
     return {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
 
 
+def _finish(context: dg.AssetExecutionContext) -> Iterator[dg.Output | dg.MaterializeResult]:
+    """End a multi-shard step: one materialization per shard (each with the metadata added with
+    its partition key) and the check outputs, whose per-shard results were logged already."""
+    yield dg.MaterializeResult()
+    for check_key in context.selected_asset_check_keys:
+        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(check_key))
+
+
+def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
+               ) -> tuple[dict[str, object], dg.AssetCheckEvaluation]:
+    try:
+        previous = last_metadata(context, context.asset_key, key)
+        result = ensure_index(dataset, key, force=force, previous=previous)
+    except (TarError, IndexFormatError, StorageError) as exc:
+        # A damaged shard is a finding, not a crash: shard_validation still reports every
+        # problem and readable record, and decoded_images refuses the shard. A store failure
+        # is recorded the same way (the shard fails at decode; a rerun retries it).
+        kind = "store" if isinstance(exc, StorageError) else "shard"
+        context.log.error(f"shard {key}: no index: {exc}")
+        return ({"indexed": False, "error": str(exc), "error_kind": kind, "records": 0},
+                evaluation("shard_index", INDEX_WRITTEN, key, False, str(exc)))
+    verb = "reused" if result.reused else "built"
+    context.log.info(f"{key}: {verb} {result.index_url}: {result.records} records in {result.seconds:.3f}s")
+    metadata = {
+        "indexed": True,
+        "records": result.records,
+        "members": result.members,
+        "bytes": result.bytes,
+        "seconds": round(result.seconds, 4),
+        "idx_path": dg.MetadataValue.path(result.index_url),
+        "reused": result.reused,
+        "tar_fingerprint": result.tar_fingerprint,
+        "index_fingerprint": result.index_fingerprint or "",
+    }
+    return metadata, evaluation("shard_index", INDEX_WRITTEN, key, True, f"{verb}: {result.records} records")
+
+
 @dg.asset(
-    partitions_def=shards,
-    group_name=SHARD_GROUP,
+    **PER_SHARD,
     kinds={"python"},
     description="The shard's DALI .idx (wds2idx v1.2 format): built, or reused when the tar is unchanged.",
-    check_specs=[
-        dg.AssetCheckSpec(
-            "index_written", asset="shard_index",
-            description="The shard is a readable tar and its .idx was written (or is up to date).",
-        )
-    ],
+    check_specs=INDEX_CHECKS,
 )
 def shard_index(
     context: dg.AssetExecutionContext, config: ShardIndexConfig, storage: ShardStorage
-) -> dg.MaterializeResult:
-    previous = last_metadata(context, context.asset_key)
-    try:
-        result = ensure_index(storage.dataset(), context.partition_key, force=config.force, previous=previous)
-    except (TarError, IndexFormatError) as exc:
-        # A damaged shard is a finding, not a crash: the run goes on so that shard_validation
-        # reports every problem and readable record, and its blocking check stops decoding.
-        context.log.error(f"shard {context.partition_key}: no index: {exc}")
-        return dg.MaterializeResult(
-            metadata={"indexed": False, "error": str(exc), "records": 0},
-            check_results=[dg.AssetCheckResult(
-                check_name="index_written", passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                description=str(exc),
-            )],
-        )
-    except StorageError as exc:  # the store itself failed: a real failure, worth a retry
-        raise dg.Failure(description=f"shard {context.partition_key}: {exc}") from exc
-    verb = "reused" if result.reused else "built"
-    context.log.info(f"{verb} {result.index_url}: {result.records} records in {result.seconds:.3f}s")
-    return dg.MaterializeResult(
-        metadata={
-            "indexed": True,
-            "records": result.records,
-            "members": result.members,
-            "bytes": result.bytes,
-            "seconds": round(result.seconds, 4),
-            "idx_path": dg.MetadataValue.path(result.index_url),
-            "reused": result.reused,
-            "tar_fingerprint": result.tar_fingerprint,
-            "index_fingerprint": result.index_fingerprint or "",
-        },
-        data_version=dg.DataVersion(f"{result.tar_fingerprint}|{result.index_fingerprint}"),
-        check_results=[dg.AssetCheckResult(check_name="index_written", passed=True,
-                                           description=f"{verb}: {result.records} records")],
-    )
+) -> Iterator[dg.Output | dg.MaterializeResult]:
+    dataset = storage.dataset()
+    for key in context.partition_keys:
+        metadata, check = _index_one(context, dataset, key, config.force)
+        context.add_asset_metadata(metadata, partition_key=key)
+        context.log_event(check)
+    yield from _finish(context)
 
 
 class ShardValidationConfig(dg.Config):
@@ -88,31 +109,44 @@ class ShardValidationConfig(dg.Config):
     severities: dict[str, str] = {}  # code -> "error" | "warning", overriding the defaults
 
 
-@dg.asset(
-    partitions_def=shards,
-    group_name=SHARD_GROUP,
-    deps=[shard_index],
-    kinds={"python"},
-    description="Tar / idx / record-ID / image-header consistency of the shard; writes a JSON report. "
-    "Shard-level errors block decoding through a blocking check.",
-)
-def shard_validation(
-    context: dg.AssetExecutionContext, config: ShardValidationConfig, storage: ShardStorage
-) -> dg.MaterializeResult:
-    dataset = storage.dataset()
-    key = context.partition_key
+def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: ShardValidationConfig
+                  ) -> tuple[dict[str, object], list[dg.AssetCheckEvaluation]]:
     try:
         report = validate_shard(dataset, key, max_pixels=config.max_pixels, severities=config.severities or None)
         report_url = write_report(dataset, report)
     except (StorageError, ValueError) as exc:
-        raise dg.Failure(description=f"shard {key}: {exc}", allow_retries=False) from exc
+        context.log.error(f"shard {key}: not validated: {exc}")
+        failed = [evaluation("shard_validation", name, key, False, f"not validated: {exc}")
+                  for name in (NO_ERRORS, RECORDS_READABLE)]
+        return {"validated": False, "ok": False, "error": str(exc)}, failed
     for problem in report.problems[:20]:
         log = context.log.error if problem.severity == "error" else context.log.warning
-        log(f"{problem.code}: {problem.record_id or ''} {problem.member or ''} {problem.detail}".strip())
-    metadata = report.metadata()
+        log(f"{key}: {problem.code}: {problem.record_id or ''} {problem.member or ''} {problem.detail}".strip())
+    metadata = {"validated": True, **report.metadata(),
+                "error_codes": sorted({p.code for p in report.problems if p.severity == "error"})}
     metadata["counts"] = dg.MetadataValue.json(metadata["counts"])
     metadata["report_path"] = dg.MetadataValue.path(report_url)
-    return dg.MaterializeResult(metadata=metadata)
+    return metadata, validation_evaluations(key, report)
+
+
+@dg.asset(
+    **PER_SHARD,
+    deps=[shard_index],
+    kinds={"python"},
+    check_specs=VALIDATION_CHECKS,
+    description="Tar / idx / record-ID / image-header consistency of the shard; writes a JSON report. "
+    "A shard with a shard-level error is not decoded.",
+)
+def shard_validation(
+    context: dg.AssetExecutionContext, config: ShardValidationConfig, storage: ShardStorage
+) -> Iterator[dg.Output | dg.MaterializeResult]:
+    dataset = storage.dataset()
+    for key in context.partition_keys:
+        metadata, checks = _validate_one(context, dataset, key, config)
+        context.add_asset_metadata(metadata, partition_key=key)
+        for check in checks:
+            context.log_event(check)
+    yield from _finish(context)
 
 
 DATASET_GROUP = "dataset"  # outside "shards": the per-shard job must not select dataset-wide assets
@@ -161,19 +195,73 @@ class DecodedImagesConfig(dg.Config):
     reader: str = "auto"  # auto | stream | dali (DALI's own webdataset reader; local shards)
 
 
+def _blocked(context: dg.AssetExecutionContext, key: str) -> str | None:
+    """Why shard ``key`` must not be decoded, from its latest validation (None: go ahead).
+    A shard never validated (``decoded_images`` materialized alone) is decoded."""
+    verdict = last_metadata(context, dg.AssetKey("shard_validation"), key)
+    if not verdict:
+        return None
+    if verdict.get("validated") is False:
+        return f"not validated: {verdict.get('error')}"
+    if verdict.get("errors"):
+        codes = ", ".join(verdict.get("error_codes") or [])
+        return f"validation found {verdict['errors']} shard-level error(s) ({codes}): not decoded"
+    return None
+
+
+def _decode_metadata(result, rows) -> dict[str, object]:
+    return {
+        "records": result.records,
+        "decoded": result.decoded,
+        "failed": result.failed,
+        "no_image": result.no_image,
+        "device": result.device,
+        "device_reason": result.device_reason,
+        "reader": result.reader,
+        "images_per_s": round(result.images_per_second, 1),
+        "bytes_read": result.bytes_read,
+        "seconds": round(result.seconds, 4),
+        "manifest_path": dg.MetadataValue.path(result.manifest_url or ""),
+        "preview": dg.MetadataValue.md(markdown_preview(rows)),
+    }
+
+
+def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: DecodeOptions) -> str | None:
+    """Decode shard ``key`` and record its materialization; returns why it failed, or None."""
+    why = _blocked(context, key)
+    if why:
+        context.log.error(f"shard {key}: {why}")
+        return why
+    try:
+        # The process's decoder: its DALI pipelines are built once for every shard of the run.
+        result, rows = decode_shard(dataset, key, options, decoder=shared_decoder(options))
+    except (DecodeError, TarError, IndexFormatError, StorageError) as exc:
+        context.log.error(f"shard {key}: {exc}")
+        return str(exc)
+    context.log.info(
+        f"{key}: {result.decoded}/{result.records} decoded on {result.device} ({result.device_reason}), "
+        f"{result.images_per_second:.0f} images/s -> {result.manifest_url}"
+    )
+    for note in result.problems:
+        context.log.warning(f"{key}: {note}")
+    for record_id, error in result.errors[:10]:
+        context.log.warning(f"{key}: {record_id}: {error}")
+    context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key,
+                                              metadata=_decode_metadata(result, rows)))
+    return None
+
+
 @dg.asset(
-    partitions_def=shards,
-    group_name=SHARD_GROUP,
+    **PER_SHARD,
     deps=[shard_index, shard_validation],
     pool="gpu",
     kinds={"dali"},
+    output_required=False,
     description="Every image of the shard decoded with DALI (GPU when available, else CPU); writes a Parquet "
     "manifest with one row per record: ID, member, size, decoded or the error, caption, JSON, sha256.",
 )
-def decoded_images(
-    context: dg.AssetExecutionContext, config: DecodedImagesConfig, storage: ShardStorage
-) -> dg.MaterializeResult:
-    key = context.partition_key
+def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfig, storage: ShardStorage
+                   ) -> Iterator[dg.Output]:
     try:
         options = DecodeOptions(
             device=config.device, batch_size=config.batch_size or None, num_threads=config.num_threads or None,
@@ -182,31 +270,14 @@ def decoded_images(
         )
     except ValueError as exc:
         raise dg.Failure(description=f"decoded_images config: {exc}", allow_retries=False) from exc
-    try:
-        result, rows = decode_shard(storage.dataset(), key, options)
-    except (DecodeError, TarError, IndexFormatError, StorageError) as exc:
-        raise dg.Failure(description=f"shard {key}: {exc}", allow_retries=False) from exc
-    context.log.info(
-        f"{result.decoded}/{result.records} decoded on {result.device} ({result.device_reason}), "
-        f"{result.images_per_second:.0f} images/s -> {result.manifest_url}"
-    )
-    for note in result.problems:
-        context.log.warning(note)
-    for record_id, error in result.errors[:10]:
-        context.log.warning(f"{record_id}: {error}")
-    return dg.MaterializeResult(
-        metadata={
-            "records": result.records,
-            "decoded": result.decoded,
-            "failed": result.failed,
-            "no_image": result.no_image,
-            "device": result.device,
-            "device_reason": result.device_reason,
-            "reader": result.reader,
-            "images_per_s": round(result.images_per_second, 1),
-            "bytes_read": result.bytes_read,
-            "seconds": round(result.seconds, 4),
-            "manifest_path": dg.MetadataValue.path(result.manifest_url or ""),
-            "preview": dg.MetadataValue.md(markdown_preview(rows)),
-        }
-    )
+    dataset = storage.dataset()
+    # Each decoded shard is materialized as soon as it is done (its own partition); the shards
+    # that failed fail the step at the end, so they alone show as failed.
+    failed = {key: why for key in context.partition_keys if (why := _decode_one(context, dataset, key, options))}
+    if failed:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:10])
+        raise dg.Failure(
+            description=f"{len(failed)} of {len(context.partition_keys)} shard(s) not decoded: {shown}",
+            metadata={"failed_shards": dg.MetadataValue.json(failed)}, allow_retries=False,
+        )
+    yield from ()  # nothing more: every shard's materialization is already recorded
