@@ -60,7 +60,7 @@ def run_pipeline(
     import dagster as dg
 
     from curator_assets.definitions import build_definitions
-    from curator_assets.defs.partitions import shards
+    from curator_assets.defs.partitions import MAX_SHARDS_PER_RUN, contiguous_ranges, range_tags, shards
     from curator_assets.defs.resources import storage_from_env
     from curator_assets.storage import StorageError
 
@@ -84,43 +84,29 @@ def run_pipeline(
     job = defs.resolve_job_def("shard_pipeline")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     keys = [s.key for s in listing.shards]
-    existing = set(instance.get_dynamic_partitions(shards.name))
-    missing = [k for k in keys if k not in existing]
+    existing = list(instance.get_dynamic_partitions(shards.name))
+    missing = [k for k in keys if k not in set(existing)]
     if missing:
         instance.add_dynamic_partitions(shards.name, missing)
 
     # Dagster's per-event console logging would drown the summary; every error is in it below.
     logging.getLogger("dagster").setLevel(logging.WARNING)
     outcomes = []
-    for key in keys:
+    # Several shards per run, as the sensor does: each run's steps, DALI pipelines and dataset
+    # handle serve all its shards; every shard keeps its own partition and outcome.
+    for chunk in contiguous_ranges(keys, existing + missing, MAX_SHARDS_PER_RUN):
         start = time.perf_counter()
+        where = {"partition_key": chunk[0]} if len(chunk) == 1 else {"tags": range_tags(chunk)}
         result = job.execute_in_process(
-            partition_key=key,
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            tags={"curator/reason": "curator-assets run"},
+            **{**where, "tags": {"curator/reason": "curator-assets run", **where.get("tags", {})}},
         )
-        outcome = ShardOutcome(key, result.success, time.perf_counter() - start)
-        for event in result.all_events:
-            if event.is_step_materialization:
-                mat = event.step_materialization_data.materialization
-                outcome.assets[mat.asset_key.to_user_string()] = {k: _plain(v) for k, v in mat.metadata.items()}
-            elif event.event_type_value == "ASSET_CHECK_EVALUATION":
-                evaluation = event.event_specific_data
-                outcome.checks[evaluation.check_name] = bool(evaluation.passed)
-            elif event.is_step_failure:
-                if event.step_key and "_check_" in event.step_key and any(
-                    not passed and event.step_key.endswith(name) for name, passed in outcome.checks.items()
-                ):
-                    continue  # a failed blocking check: already listed as FAILED below
-                err = event.step_failure_data.error
-                msg = (err.message if err else event.message or "step failed").strip().splitlines()[0]
-                outcome.errors.append(f"{event.step_key}: {msg}")
-        if outcome.checks and not all(outcome.checks.values()):
-            outcome.ok = False
-        outcomes.append(outcome)
-        _print_outcome(outcome, as_json, out)
+        seconds = (time.perf_counter() - start) / len(chunk)
+        for outcome in _outcomes(result, chunk, seconds):
+            outcomes.append(outcome)
+            _print_outcome(outcome, as_json, out)
 
     dataset_line = _dataset_summary(instance, storage, as_json, out)
     failed = [o.key for o in outcomes if not o.ok]
@@ -131,6 +117,43 @@ def run_pipeline(
             file=out,
         )
     return 1 if failed or listing.rejected or not dataset_line else 0
+
+
+def _outcomes(result, chunk: list[str], seconds: float) -> list[ShardOutcome]:
+    """Each shard's outcome from the events of one run over ``chunk``. A shard is ok when it was
+    decoded and every check on it passed; a step failure names the shards it failed."""
+    by_key = {k: ShardOutcome(k, True, seconds) for k in chunk}
+    for event in result.all_events:
+        if event.is_step_materialization:
+            mat = event.step_materialization_data.materialization
+            if mat.partition in by_key:
+                by_key[mat.partition].assets[mat.asset_key.to_user_string()] = {
+                    k: _plain(v) for k, v in mat.metadata.items()}
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            if evaluation.partition in by_key:
+                by_key[evaluation.partition].checks[evaluation.check_name] = bool(evaluation.passed)
+        elif event.is_step_failure:
+            _note_failure(event, by_key)
+    for outcome in by_key.values():
+        if "decoded_images" not in outcome.assets or not all(outcome.checks.values()):
+            outcome.ok = False
+    return list(by_key.values())
+
+
+def _note_failure(event, by_key: dict[str, ShardOutcome]) -> None:
+    err = event.step_failure_data.error
+    metadata = event.step_failure_data.user_failure_data
+    failed = metadata.metadata.get("failed_shards") if metadata else None
+    failed = getattr(failed, "value", failed)
+    if isinstance(failed, dict):
+        for key, why in failed.items():
+            if key in by_key:
+                by_key[key].errors.append(f"{event.step_key}: {why}")
+        return
+    msg = (err.message if err else event.message or "step failed").strip().splitlines()[0]
+    for outcome in by_key.values():  # a failure of the whole step (bad config, a crash)
+        outcome.errors.append(f"{event.step_key}: {msg}")
 
 
 def _dataset_summary(instance, storage, as_json: bool, out) -> bool:

@@ -34,7 +34,8 @@ class ShardIndexConfig(dg.Config):
 # ``context.partition_keys`` and records each shard's materialization metadata and check
 # results under its own partition. A shard that fails is data, not an exception, until the
 # last step: raising would skip the downstream steps of every other shard of the run.
-PER_SHARD = {"partitions_def": shards, "group_name": SHARD_GROUP, "backfill_policy": BACKFILL_POLICY}
+PER_SHARD = {"partitions_def": shards, "group_name": SHARD_GROUP, "backfill_policy": BACKFILL_POLICY,
+             "output_required": False}
 
 
 def last_metadata(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, key: str) -> dict[str, object]:
@@ -50,16 +51,47 @@ def last_metadata(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, key
     return {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
 
 
-def _finish(context: dg.AssetExecutionContext) -> Iterator[dg.Output | dg.MaterializeResult]:
-    """End a multi-shard step: one materialization per shard (each with the metadata added with
-    its partition key) and the check outputs, whose per-shard results were logged already."""
-    yield dg.MaterializeResult()
+def _feeds_this_run(context: dg.AssetExecutionContext, downstream: tuple[str, ...]) -> bool:
+    selected = context.job_def.asset_layer.selected_asset_keys
+    return any(dg.AssetKey(name) in selected for name in downstream)
+
+
+def _finish(context: dg.AssetExecutionContext, outcomes: dict[str, tuple[dict, str | None]],
+            downstream: tuple[str, ...]) -> Iterator[dg.Output | dg.MaterializeResult]:
+    """End a multi-shard step. ``outcomes``: shard -> (metadata, why it failed or None); each
+    shard's check results are logged already.
+
+    When a later step of this run needs this asset, every shard is materialized (a failed one
+    with its error as metadata and failed checks) so that the later steps run for the others;
+    the last step of the run fails the shards that failed anywhere. When this is the run's last
+    step, only the good shards are materialized and the failed ones fail the step."""
+    if _feeds_this_run(context, downstream):
+        for key, (metadata, _why) in outcomes.items():
+            context.add_asset_metadata(metadata, partition_key=key)
+        yield dg.MaterializeResult()
+    else:
+        for key, (metadata, why) in outcomes.items():
+            if why is None:
+                context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key,
+                                                          metadata=metadata))
     for check_key in context.selected_asset_check_keys:
         yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(check_key))
+    fail_shards(context, {k: why for k, (_md, why) in outcomes.items() if why}, "failed")
+
+
+def fail_shards(context: dg.AssetExecutionContext, failed: dict[str, str], verb: str) -> None:
+    """Fail the step naming the shards that failed (the others are already recorded)."""
+    if not failed:
+        return
+    shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:10])
+    raise dg.Failure(
+        description=f"{len(failed)} of {len(context.partition_keys)} shard(s) {verb}: {shown}",
+        metadata={"failed_shards": dg.MetadataValue.json(failed)}, allow_retries=False,
+    )
 
 
 def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
-               ) -> tuple[dict[str, object], dg.AssetCheckEvaluation]:
+               ) -> tuple[dict[str, object], str | None, dg.AssetCheckEvaluation]:
     try:
         previous = last_metadata(context, context.asset_key, key)
         result = ensure_index(dataset, key, force=force, previous=previous)
@@ -70,7 +102,7 @@ def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
         kind = "store" if isinstance(exc, StorageError) else "shard"
         context.log.error(f"shard {key}: no index: {exc}")
         return ({"indexed": False, "error": str(exc), "error_kind": kind, "records": 0},
-                evaluation("shard_index", INDEX_WRITTEN, key, False, str(exc)))
+                str(exc) if kind == "store" else None, evaluation("shard_index", INDEX_WRITTEN, key, False, str(exc)))
     verb = "reused" if result.reused else "built"
     context.log.info(f"{key}: {verb} {result.index_url}: {result.records} records in {result.seconds:.3f}s")
     metadata = {
@@ -84,7 +116,7 @@ def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
         "tar_fingerprint": result.tar_fingerprint,
         "index_fingerprint": result.index_fingerprint or "",
     }
-    return metadata, evaluation("shard_index", INDEX_WRITTEN, key, True, f"{verb}: {result.records} records")
+    return metadata, None, evaluation("shard_index", INDEX_WRITTEN, key, True, f"{verb}: {result.records} records")
 
 
 @dg.asset(
@@ -97,11 +129,12 @@ def shard_index(
     context: dg.AssetExecutionContext, config: ShardIndexConfig, storage: ShardStorage
 ) -> Iterator[dg.Output | dg.MaterializeResult]:
     dataset = storage.dataset()
+    outcomes = {}
     for key in context.partition_keys:
-        metadata, check = _index_one(context, dataset, key, config.force)
-        context.add_asset_metadata(metadata, partition_key=key)
+        metadata, why, check = _index_one(context, dataset, key, config.force)
+        outcomes[key] = (metadata, why)
         context.log_event(check)
-    yield from _finish(context)
+    yield from _finish(context, outcomes, downstream=("shard_validation", "decoded_images"))
 
 
 class ShardValidationConfig(dg.Config):
@@ -110,7 +143,7 @@ class ShardValidationConfig(dg.Config):
 
 
 def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: ShardValidationConfig
-                  ) -> tuple[dict[str, object], list[dg.AssetCheckEvaluation]]:
+                  ) -> tuple[dict[str, object], str | None, list[dg.AssetCheckEvaluation]]:
     try:
         report = validate_shard(dataset, key, max_pixels=config.max_pixels, severities=config.severities or None)
         report_url = write_report(dataset, report)
@@ -118,7 +151,7 @@ def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: 
         context.log.error(f"shard {key}: not validated: {exc}")
         failed = [evaluation("shard_validation", name, key, False, f"not validated: {exc}")
                   for name in (NO_ERRORS, RECORDS_READABLE)]
-        return {"validated": False, "ok": False, "error": str(exc)}, failed
+        return {"validated": False, "ok": False, "error": str(exc)}, f"not validated: {exc}", failed
     for problem in report.problems[:20]:
         log = context.log.error if problem.severity == "error" else context.log.warning
         log(f"{key}: {problem.code}: {problem.record_id or ''} {problem.member or ''} {problem.detail}".strip())
@@ -126,7 +159,7 @@ def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: 
                 "error_codes": sorted({p.code for p in report.problems if p.severity == "error"})}
     metadata["counts"] = dg.MetadataValue.json(metadata["counts"])
     metadata["report_path"] = dg.MetadataValue.path(report_url)
-    return metadata, validation_evaluations(key, report)
+    return metadata, None, validation_evaluations(key, report)
 
 
 @dg.asset(
@@ -141,12 +174,13 @@ def shard_validation(
     context: dg.AssetExecutionContext, config: ShardValidationConfig, storage: ShardStorage
 ) -> Iterator[dg.Output | dg.MaterializeResult]:
     dataset = storage.dataset()
+    outcomes = {}
     for key in context.partition_keys:
-        metadata, checks = _validate_one(context, dataset, key, config)
-        context.add_asset_metadata(metadata, partition_key=key)
+        metadata, why, checks = _validate_one(context, dataset, key, config)
+        outcomes[key] = (metadata, why)
         for check in checks:
             context.log_event(check)
-    yield from _finish(context)
+    yield from _finish(context, outcomes, downstream=("decoded_images",))
 
 
 DATASET_GROUP = "dataset"  # outside "shards": the per-shard job must not select dataset-wide assets
@@ -256,7 +290,6 @@ def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: D
     deps=[shard_index, shard_validation],
     pool="gpu",
     kinds={"dali"},
-    output_required=False,
     description="Every image of the shard decoded with DALI (GPU when available, else CPU); writes a Parquet "
     "manifest with one row per record: ID, member, size, decoded or the error, caption, JSON, sha256.",
 )
@@ -274,10 +307,5 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
     # Each decoded shard is materialized as soon as it is done (its own partition); the shards
     # that failed fail the step at the end, so they alone show as failed.
     failed = {key: why for key in context.partition_keys if (why := _decode_one(context, dataset, key, options))}
-    if failed:
-        shown = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:10])
-        raise dg.Failure(
-            description=f"{len(failed)} of {len(context.partition_keys)} shard(s) not decoded: {shown}",
-            metadata={"failed_shards": dg.MetadataValue.json(failed)}, allow_retries=False,
-        )
+    fail_shards(context, failed, "not decoded")
     yield from ()  # nothing more: every shard's materialization is already recorded

@@ -54,7 +54,7 @@ def contiguous_ranges(keys: Iterable[str], order: Sequence[str], size: int) -> l
     """``keys`` cut into runs of consecutive partitions of ``order`` (the partitions' order, which
     a range tag selects by), each at most ``size`` long. Keys missing from ``order`` are dropped."""
     position = {k: i for i, k in enumerate(order)}
-    wanted = sorted((position[k] for k in set(keys) if k in position))
+    wanted = sorted(position[k] for k in set(keys) if k in position)
     out: list[list[str]] = []
     for i in wanted:
         if out and position[out[-1][-1]] == i - 1 and len(out[-1]) < size:

@@ -10,7 +10,7 @@ import zlib
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import shards
+from curator_assets.defs.partitions import batch_size, contiguous_ranges, range_tags, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.storage import StorageError
 
@@ -34,41 +34,66 @@ def decode_cursor(cursor: str | None) -> dict[str, str]:
         return {}
 
 
+def _requests(keys: list[str], order: list[str], current: dict[str, str], reason: str) -> list[dg.RunRequest]:
+    """Runs for ``keys``, several shards per run: consecutive partitions (a range tag selects by
+    position), ``batch_size`` of them per run. The run key names the range and the shards'
+    fingerprints, so a retried tick never launches the same work twice."""
+    out = []
+    for chunk in contiguous_ranges(keys, order, batch_size(len(keys))):
+        digest = short_fingerprint("|".join(f"{k}@{current[k]}" for k in chunk))
+        run_key = f"{chunk[0]}@{current[chunk[0]]}" if len(chunk) == 1 else f"{chunk[0]}..{chunk[-1]}@{digest}"
+        tags = {"curator/reason": reason, "curator/shards": str(len(chunk))}
+        if len(chunk) == 1:
+            out.append(dg.RunRequest(partition_key=chunk[0], run_key=run_key, tags=tags))
+        else:
+            out.append(dg.RunRequest(run_key=run_key, tags={**tags, **range_tags(chunk)}))
+    return out
+
+
 @dg.sensor(
     job=shard_pipeline,
     minimum_interval_seconds=int(os.environ.get("CURATOR_SENSOR_INTERVAL", "30")),
-    description="Lists the dataset; adds new shards as partitions and runs the shard pipeline on new or changed ones.",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Lists the dataset; adds new shards as partitions and runs the shard pipeline on new or changed "
+    "ones, several shards per run.",
 )
 def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> dg.SensorResult | dg.SkipReason:
+    # One listing per tick (no request per object), one read of the partitions, a cursor of one
+    # short fingerprint per shard (zlib-compressed). Batching: the new shards of a tick, in
+    # listing order, become runs of consecutive partitions; ``batch_size`` spreads them over the
+    # run slots (CURATOR_RUN_SLOTS, default 2) with at most CURATOR_MAX_SHARDS_PER_RUN (16) per
+    # run, so one new shard runs alone and at once, and 100,000 become 6,250 runs of 16.
     try:
         listing = storage.dataset().list_shards()
     except StorageError as exc:
         return dg.SkipReason(f"cannot list the dataset: {exc}")
-    for path, why in listing.rejected:
+    for path, why in listing.rejected[:20]:
         context.log.warning(f"skipping {path}: {why}")
 
     # Read the existing keys once: has_dynamic_partition per key is slow at scale.
-    existing = set(context.instance.get_dynamic_partitions(shards.name))
+    existing_order = list(context.instance.get_dynamic_partitions(shards.name))
+    existing = set(existing_order)
     seen = decode_cursor(context.cursor)
     current = {s.key: short_fingerprint(s.fingerprint) for s in listing.shards}
 
     new_keys = [k for k in current if k not in existing]
-    gone = sorted(existing.difference(current))
+    gone = sorted(k for k in existing.difference(current) if k in seen)  # since the last tick
     if gone:
         # Kept, not deleted: their materializations and manifests stay visible in the UI.
-        context.log.warning(f"{len(gone)} partition(s) no longer have a shard, e.g. {', '.join(gone[:5])}")
+        context.log.warning(f"{len(gone)} shard(s) removed since the last tick, e.g. {', '.join(gone[:5])}")
     changed = [k for k, fp in current.items() if k in existing and k in seen and seen[k] != fp]
-    run_requests = [
-        dg.RunRequest(partition_key=k, run_key=f"{k}@{current[k]}", tags={"curator/reason": "new shard"})
-        for k in new_keys
-    ] + [
-        dg.RunRequest(partition_key=k, run_key=f"{k}@{current[k]}", tags={"curator/reason": "shard changed"})
-        for k in changed
-    ]
+    # A shard that was gone at the last tick and is back (the usual way to replace an object)
+    # is processed again, whatever its bytes.
+    returned = [k for k in current if k in existing and k not in seen] if seen else []
+    changed += returned
+    order = existing_order + new_keys  # the partitions' order once the add request is applied
+    run_requests = (_requests(new_keys, order, current, "new shard")
+                    + _requests(changed, order, current, "shard changed"))
     if not run_requests and seen == current:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"no new or changed shards among {len(current)}"))
     if new_keys or changed:
-        context.log.info(f"{len(new_keys)} new shard(s), {len(changed)} changed, {len(current)} in all")
+        context.log.info(f"{len(new_keys)} new shard(s), {len(changed)} changed, {len(current)} in all: "
+                         f"{len(run_requests)} run(s)")
     return dg.SensorResult(
         dynamic_partitions_requests=[shards.build_add_request(new_keys)] if new_keys else [],
         run_requests=run_requests,
