@@ -104,7 +104,8 @@ def run_pipeline(
             **{**where, "tags": {"curator/reason": "curator-assets run", **where.get("tags", {})}},
         )
         seconds = (time.perf_counter() - start) / len(chunk)
-        for outcome in _outcomes(result, chunk, seconds):
+        events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event]
+        for outcome in _outcomes(events, chunk, seconds):
             outcomes.append(outcome)
             _print_outcome(outcome, as_json, out)
 
@@ -119,11 +120,12 @@ def run_pipeline(
     return 1 if failed or listing.rejected or not dataset_line else 0
 
 
-def _outcomes(result, chunk: list[str], seconds: float) -> list[ShardOutcome]:
-    """Each shard's outcome from the events of one run over ``chunk``. A shard is ok when it was
+def _outcomes(events, chunk: list[str], seconds: float) -> list[ShardOutcome]:
+    """Each shard's outcome from the events of one run over ``chunk`` (as the instance recorded
+    them: a failed step's materializations of its good shards included). A shard is ok when it was
     decoded and every check on it passed; a step failure names the shards it failed."""
     by_key = {k: ShardOutcome(k, True, seconds) for k in chunk}
-    for event in result.all_events:
+    for event in events:
         if event.is_step_materialization:
             mat = event.step_materialization_data.materialization
             if mat.partition in by_key:

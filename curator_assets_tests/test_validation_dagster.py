@@ -1,4 +1,5 @@
-"""The validation asset, its blocking check, and the dataset summary, on a real Dagster instance."""
+"""The validation asset, its checks (evaluated in its step, per shard), the decode's refusal of a
+shard with shard-level errors, and the dataset summary, on a real Dagster instance."""
 
 
 import json
@@ -11,25 +12,13 @@ import pytest
 
 from curator_assets.definitions import build_definitions
 from curator_assets.defs import assets, checks, jobs
-from curator_assets.defs.partitions import shards
+from curator_assets.defs.partitions import range_tags, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.storage import Dataset
 from curator_assets.validation import read_report
 from curator_assets_tests import malformed
 
-RAN: list[str] = []
-
-
-@dg.asset(partitions_def=shards, deps=[assets.shard_validation])
-def downstream_of_validation(context: dg.AssetExecutionContext) -> None:
-    """Stands in for the decode step: must not run on a shard whose validation has errors."""
-    RAN.append(context.partition_key)
-
-
-SHARD_ASSETS = [
-    assets.shard_index, assets.shard_validation, checks.check_shard_has_no_errors,
-    checks.check_shard_records_readable, downstream_of_validation,
-]
+SHARD_ASSETS = [assets.shard_index, assets.shard_validation, assets.decoded_images]
 
 
 @pytest.fixture
@@ -64,8 +53,11 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
-def test_blocking_check_passes_on_a_clean_shard_and_stops_a_bad_one(dataset_dir):
-    RAN.clear()
+def _decoded(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [m.partition for m in result.asset_materializations_for_node("decoded_images")]
+
+
+def test_error_check_passes_on_a_clean_shard_and_a_bad_one_is_not_decoded(dataset_dir):
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("shards", ["good", "dup", "warn"])
 
@@ -88,7 +80,9 @@ def test_blocking_check_passes_on_a_clean_shard_and_stops_a_bad_one(dataset_dir)
         evaluation = next(e for e in dup.get_asset_check_evaluations() if e.check_name == "check_shard_has_no_errors")
         assert evaluation.severity == dg.AssetCheckSeverity.ERROR
         assert "duplicate_record_id" in evaluation.description
-        assert dup.asset_materializations_for_node("downstream_of_validation") == []
+        assert _decoded(dup) == []
+        failure = next(e for e in dup.all_events if e.is_step_failure and e.step_key == "decoded_images")
+        assert "duplicate_record_id" in failure.step_failure_data.error.message
 
         warn = _run(instance, dataset_dir, "warn")
         assert warn.success  # warnings never block
@@ -96,14 +90,38 @@ def test_blocking_check_passes_on_a_clean_shard_and_stops_a_bad_one(dataset_dir)
                                  "check_shard_records_readable": False}
         report = read_report(Dataset(str(dataset_dir)), "warn")
         assert Counter(p.code for p in report.problems) == Counter(bad_text=1)
+        assert _decoded(good) == ["good"] and _decoded(warn) == ["warn"]
 
-    assert RAN == ["good", "warn"]
+
+def test_one_run_over_several_shards_fails_only_the_bad_one(dataset_dir):
+    """A run over a range of shards: each shard gets its own materializations and check results
+    (per partition), the shard with a shard-level error alone is not decoded, and the partition
+    status shows exactly that."""
+    keys = ["good", "dup", "warn"]
+    job = build_definitions(ShardStorage(dataset_url=str(dataset_dir))).resolve_job_def("shard_pipeline")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("shards", keys)
+        res = job.execute_in_process(instance=instance, tags=range_tags(keys), raise_on_error=False)
+        assert not res.success
+        assert len(instance.get_runs()) == 1
+        for name in ("shard_index", "shard_validation"):
+            assert sorted(m.partition for m in res.asset_materializations_for_node(name)) == sorted(keys)
+        assert instance.get_materialized_partitions(dg.AssetKey("decoded_images")) == {"good", "warn"}
+        by_shard = {(e.partition, e.check_name): e.passed for e in res.get_asset_check_evaluations()}
+        assert by_shard[("dup", "check_shard_has_no_errors")] is False
+        assert by_shard[("good", "check_shard_has_no_errors")] is True
+        assert by_shard[("warn", "check_shard_records_readable")] is False
+        assert len(by_shard) == 3 * 3  # three checks per shard, each under its own partition
+        status = instance.get_status_by_partition(dg.AssetKey("decoded_images"), keys, shards)
+        assert {k: v.value for k, v in status.items()} == {"good": "MATERIALIZED", "dup": "FAILED",
+                                                           "warn": "MATERIALIZED"}
+        metas = {m.partition: m.metadata for m in res.asset_materializations_for_node("shard_validation")}
+        assert metas["dup"]["errors"].value == 1 and metas["good"]["errors"].value == 0
 
 
 def test_a_truncated_shard_is_validated_not_crashed(dataset_dir):
     """The index step records the damage, validation still counts every readable record, and
-    the blocking check keeps the decode away."""
-    RAN.clear()
+    the decode refuses the shard."""
     data = (dataset_dir / "good.tar").read_bytes()
     with tarfile.open(dataset_dir / "good.tar") as tar:
         cut = tar.getmembers()[7].offset_data + 10  # inside the third record's caption
@@ -112,14 +130,13 @@ def test_a_truncated_shard_is_validated_not_crashed(dataset_dir):
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("shards", ["cut"])
         res = _run(instance, dataset_dir, "cut")
-        assert not res.success  # the blocking check failed, by design
+        assert not res.success  # the shard is not decoded, by design
         assert _checks(res)["index_written"] is False
         assert _checks(res)["check_shard_has_no_errors"] is False
         meta = res.asset_materializations_for_node("shard_validation")[0].metadata
         assert "tar_truncated" in meta["counts"].value
         assert meta["records"].value == len(readable)  # every record with a readable member
-        assert res.asset_materializations_for_node("downstream_of_validation") == []
-    assert RAN == []
+        assert _decoded(res) == []
 
 
 def test_dataset_summary_asset_and_its_check(dataset_dir):
@@ -158,5 +175,7 @@ def test_definitions_wire_the_validation_assets():
     job_keys = jobs.shard_pipeline.selection.resolve(graph)
     assert dg.AssetKey("shard_validation") in job_keys
     assert dg.AssetKey("dataset_validation_summary") not in job_keys
-    spec = next(s for s in checks.check_shard_has_no_errors.check_specs)
-    assert spec.blocking
+    # Evaluated inside the validation step, per shard (not a separate step per check).
+    spec = graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("shard_validation"), "check_shard_has_no_errors"))
+    assert spec.partitions_def == shards
+    assert dg.AssetKey("shard_validation") in {s.asset_key for s in assets.shard_validation.check_specs}
