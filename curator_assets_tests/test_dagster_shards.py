@@ -168,3 +168,52 @@ def test_catch_up_schedule_requests_incomplete_shards(tmp_path: Path, make_shard
     for name in PIPELINE_ASSETS[1:]:
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="00001"))
     assert isinstance(catch_up_schedule(dg.build_schedule_context(instance=instance)), dg.SkipReason)
+
+
+def test_sensor_batches_new_shards_into_ranged_runs_each_shard_its_own_partition(
+    tmp_path: Path, make_shard, instance, monkeypatch
+) -> None:
+    """Five new shards over two run slots: two runs (3 + 2 shards), each a range of consecutive
+    partitions; running them gives every shard its own materializations and check results, and
+    the decode step of a run builds its DALI pipelines once for all its shards."""
+    from curator_assets.decode import DecodeOptions, shared_decoder
+    from curator_assets.definitions import build_definitions
+    from curator_assets.defs import partitions
+
+    monkeypatch.setenv("CURATOR_RUN_SLOTS", "2")
+    names = [f"{i:05d}" for i in range(5)]
+    for name in names:
+        make_shard(f"{name}.tar", n=2)
+    storage = ShardStorage(dataset_url=str(tmp_path / "dataset"))
+    result = tick(instance, storage)
+    ranges = [(r.tags.get(partitions.RANGE_START_TAG), r.tags.get(partitions.RANGE_END_TAG)) for r in result.run_requests]
+    assert ranges == [("00000", "00002"), ("00003", "00004")]
+    assert all(r.partition_key is None and r.run_key for r in result.run_requests)
+    assert [r.tags["curator/shards"] for r in result.run_requests] == ["3", "2"]
+
+    job = build_definitions(storage).resolve_job_def("shard_pipeline")
+    decoder = shared_decoder(DecodeOptions(pipelines=2))
+    builds_before = [d.builds for d in decoder.decoders]
+    for request in result.run_requests:
+        run = job.execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
+        assert run.success
+    assert len(instance.get_runs()) == 2
+    for name in ("shard_index", "shard_validation", "decoded_images"):
+        assert instance.get_materialized_partitions(dg.AssetKey(name)) == set(names)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("decoded_images"), asset_partitions=names), limit=10).records
+    assert sorted(r.partition_key for r in records) == names  # one each, with its own metadata
+    assert {r.asset_materialization.metadata["manifest_path"].value.rsplit("/", 1)[-1] for r in records} == {
+        f"{n}.parquet" for n in names}
+    assert [d.builds for d in decoder.decoders] == builds_before  # built once (or before), never per shard
+
+
+def test_batch_size_and_contiguous_ranges() -> None:
+    from curator_assets.defs.partitions import batch_size, contiguous_ranges
+
+    assert batch_size(1, slots=2, most=16) == 1  # a trickle runs at once
+    assert batch_size(8, slots=2, most=16) == 4
+    assert batch_size(100_000, slots=2, most=16) == 16
+    order = ["a", "b", "c", "d", "e", "f"]
+    assert contiguous_ranges(["e", "a", "b", "d", "zz"], order, 2) == [["a", "b"], ["d", "e"]]
+    assert contiguous_ranges(["a", "c", "e"], order, 5) == [["a"], ["c"], ["e"]]

@@ -116,7 +116,10 @@ def test_a_shard_level_error_blocks_decoding_in_the_pipeline(tmp_path, photos, i
     checks = {e.event_specific_data.check_name: e.event_specific_data.passed for e in blocked.all_events
               if e.event_type_value == "ASSET_CHECK_EVALUATION"}
     assert checks["check_shard_has_no_errors"] is False
-    assert not [e for e in blocked.all_events if e.step_key == "decoded_images" and e.is_step_start]
+    # The decode step reads the shard's verdict and refuses it, naming the error: no manifest.
+    failure = next(e for e in blocked.all_events if e.is_step_failure and e.step_key == "decoded_images")
+    assert "duplicate_record_id" in failure.step_failure_data.error.message
+    assert not (folder / "_curator" / "manifests" / "00000.parquet").exists()
 
     ok = job.execute_in_process(partition_key="00001", instance=instance, raise_on_error=False)
     assert ok.success
