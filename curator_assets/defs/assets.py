@@ -56,6 +56,12 @@ def _feeds_this_run(context: dg.AssetExecutionContext, downstream: tuple[str, ..
     return any(dg.AssetKey(name) in selected for name in downstream)
 
 
+def _summary_line(context: dg.AssetExecutionContext, outcomes: dict[str, tuple[dict, str | None]]) -> None:
+    failed = sum(1 for _md, why in outcomes.values() if why)
+    records = sum(int(md.get("records") or 0) for md, _why in outcomes.values())
+    context.log.info(f"{len(outcomes)} shard(s), {records} records; {failed} failed")
+
+
 def _finish(context: dg.AssetExecutionContext, outcomes: dict[str, tuple[dict, str | None]],
             downstream: tuple[str, ...]) -> Iterator[dg.Output | dg.MaterializeResult]:
     """End a multi-shard step. ``outcomes``: shard -> (metadata, why it failed or None); each
@@ -65,6 +71,7 @@ def _finish(context: dg.AssetExecutionContext, outcomes: dict[str, tuple[dict, s
     with its error as metadata and failed checks) so that the later steps run for the others;
     the last step of the run fails the shards that failed anywhere. When this is the run's last
     step, only the good shards are materialized and the failed ones fail the step."""
+    _summary_line(context, outcomes)
     if _feeds_this_run(context, downstream):
         for key, (metadata, _why) in outcomes.items():
             context.add_asset_metadata(metadata, partition_key=key)
@@ -104,7 +111,6 @@ def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
         return ({"indexed": False, "error": str(exc), "error_kind": kind, "records": 0},
                 str(exc) if kind == "store" else None, evaluation("shard_index", INDEX_WRITTEN, key, False, str(exc)))
     verb = "reused" if result.reused else "built"
-    context.log.info(f"{key}: {verb} {result.index_url}: {result.records} records in {result.seconds:.3f}s")
     metadata = {
         "indexed": True,
         "records": result.records,
@@ -152,9 +158,11 @@ def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: 
         failed = [evaluation("shard_validation", name, key, False, f"not validated: {exc}")
                   for name in (NO_ERRORS, RECORDS_READABLE)]
         return {"validated": False, "ok": False, "error": str(exc)}, f"not validated: {exc}", failed
-    for problem in report.problems[:20]:
-        log = context.log.error if problem.severity == "error" else context.log.warning
-        log(f"{key}: {problem.code}: {problem.record_id or ''} {problem.member or ''} {problem.detail}".strip())
+    if report.problems:  # one event per shard: every event is a write to the instance
+        shown = [f"{p.code}: {p.record_id or ''} {p.member or ''} {p.detail}".strip() for p in report.problems[:10]]
+        more = f"\n... and {len(report.problems) - 10} more" if len(report.problems) > 10 else ""
+        log = context.log.error if report.errors else context.log.warning
+        log(f"shard {key}: {report.errors} error(s), {report.warnings} warning(s):\n" + "\n".join(shown) + more)
     metadata = {"validated": True, **report.metadata(),
                 "error_codes": sorted({p.code for p in report.problems if p.severity == "error"})}
     metadata["counts"] = dg.MetadataValue.json(metadata["counts"])
@@ -272,14 +280,9 @@ def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: D
     except (DecodeError, TarError, IndexFormatError, StorageError) as exc:
         context.log.error(f"shard {key}: {exc}")
         return str(exc)
-    context.log.info(
-        f"{key}: {result.decoded}/{result.records} decoded on {result.device} ({result.device_reason}), "
-        f"{result.images_per_second:.0f} images/s -> {result.manifest_url}"
-    )
-    for note in result.problems:
-        context.log.warning(f"{key}: {note}")
-    for record_id, error in result.errors[:10]:
-        context.log.warning(f"{key}: {record_id}: {error}")
+    notes = list(result.problems) + [f"{record_id}: {error}" for record_id, error in result.errors[:10]]
+    if notes:  # one event per shard: every event is a write to the instance
+        context.log.warning(f"shard {key}: {result.failed} record(s) not decoded:\n" + "\n".join(notes))
     context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key,
                                               metadata=_decode_metadata(result, rows)))
     return None
@@ -307,5 +310,6 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
     # Each decoded shard is materialized as soon as it is done (its own partition); the shards
     # that failed fail the step at the end, so they alone show as failed.
     failed = {key: why for key in context.partition_keys if (why := _decode_one(context, dataset, key, options))}
+    context.log.info(f"{len(context.partition_keys) - len(failed)} shard(s) decoded, {len(failed)} failed")
     fail_shards(context, failed, "not decoded")
     yield from ()  # nothing more: every shard's materialization is already recorded

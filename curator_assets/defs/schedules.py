@@ -6,7 +6,7 @@ import os
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import shards
+from curator_assets.defs.partitions import batch_size, contiguous_ranges, range_tags, shards
 
 # The per-shard assets, in pipeline order; a shard is done when the last one is materialized.
 PIPELINE_ASSETS = ("shard_index", "shard_validation", "decoded_images")
@@ -23,18 +23,26 @@ def incomplete_shards(instance: dg.DagsterInstance) -> list[str]:
 @dg.schedule(
     job=shard_pipeline,
     cron_schedule=os.environ.get("CURATOR_CATCH_UP_CRON", "0 2 * * *"),
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Nightly: run the shard pipeline on every shard that has not completed it (new, failed, or missed).",
 )
 def catch_up_schedule(context: dg.ScheduleEvaluationContext):
     pending = incomplete_shards(context.instance)
     if not pending:
         return dg.SkipReason("every shard has completed the pipeline")
-    # One run key per shard per tick: a retried tick does not launch twice.
+    # Several shards per run, as the sensor does (consecutive partitions, a range each); one run
+    # key per range per tick: a retried tick does not launch twice.
     stamp = f"{context.scheduled_execution_time:%Y%m%dT%H%M}" if _has_tick_time(context) else "manual"
-    return [
-        dg.RunRequest(partition_key=k, run_key=f"catch-up:{stamp}:{k}", tags={"curator/reason": "catch-up"})
-        for k in pending
-    ]
+    order = context.instance.get_dynamic_partitions(shards.name)
+    requests = []
+    for chunk in contiguous_ranges(pending, order, batch_size(len(pending))):
+        tags = {"curator/reason": "catch-up", "curator/shards": str(len(chunk))}
+        run_key = f"catch-up:{stamp}:{chunk[0]}..{chunk[-1]}"
+        if len(chunk) == 1:
+            requests.append(dg.RunRequest(partition_key=chunk[0], run_key=run_key, tags=tags))
+        else:
+            requests.append(dg.RunRequest(run_key=run_key, tags={**tags, **range_tags(chunk)}))
+    return requests
 
 
 def _has_tick_time(context: dg.ScheduleEvaluationContext) -> bool:
