@@ -83,7 +83,11 @@ def _error_row(dataset, key: str, exc: BaseException) -> dict:
     except Exception:  # noqa: BLE001 - the store itself may be what failed
         shard_url = key
     msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
-    return {"shard": shard_url, "key": key, "ok": False, "error": msg}
+    row = {"shard": shard_url, "key": key, "ok": False, "error": msg}
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):  # a StorageError's stable code (store_unavailable, store_denied, ...)
+        row["code"] = code
+    return row
 
 
 def _index_row(target: tuple[object, str, bool]) -> dict:

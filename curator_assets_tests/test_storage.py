@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from curator_assets.index import ensure_index, parse_index
-from curator_assets.storage import Dataset, StorageError, UnsafeKeyError, key_for_relpath, write_atomic
+from curator_assets.storage import (
+    STALE_TEMP_S,
+    Dataset,
+    StorageError,
+    UnsafeKeyError,
+    key_for_relpath,
+    write_atomic,
+)
 
 
 def test_keys_recursive_any_case(tmp_path: Path, make_shard) -> None:
@@ -151,3 +161,78 @@ def test_modified_time_in_every_form_a_store_reports() -> None:
     assert modified_at({"last_modified": when}) == when.timestamp()  # Azure
     assert modified_at({"updated": "2026-11-24T10:00:00.123Z"}) == when.timestamp()  # GCS
     assert modified_at({"size": 3}) is None
+
+
+def test_longest_legal_shard_name_is_indexed_and_reported(tmp_path: Path, make_shard) -> None:
+    # 250 bytes with ".tar": its .idx and report names (250 and 251 bytes) fit the 255-byte limit;
+    # the temp files of the atomic writes must fit too.
+    name = "r" * 246 + ".tar"
+    make_shard(name, n=3)
+    dataset = Dataset(str(tmp_path / "dataset"))
+    [shard] = dataset.list_shards().shards
+    result = ensure_index(dataset, shard.key)
+    assert not result.reused and result.records == 3
+    idx = Path(dataset.index_path(shard.key))
+    assert len(idx.name.encode()) == 250
+    assert len(parse_index(idx.read_bytes())) == 3
+    report = Path(dataset.write_output("validation", shard.key, ".json", b"{}").removeprefix("file://"))
+    assert report.read_bytes() == b"{}"
+    leftovers = [p.name for p in idx.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+_HANG_IN_WRITE = """
+import os, sys, time
+from curator_assets import storage
+
+def hang(fd):  # inside the write window: temp file written, not yet renamed
+    print("in-window", flush=True)
+    time.sleep(120)
+
+os.fsync = hang
+storage.write_atomic(storage.LocalFS(), sys.argv[1], b"partial " * 1000)
+"""
+
+_WRITE = """
+import sys
+from curator_assets import storage
+storage.write_atomic(storage.LocalFS(), sys.argv[1], b"next write")
+"""
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    writer = _python(_HANG_IN_WRITE, str(folder / "00000.idx"))
+    try:
+        assert writer.stdout.readline().strip() == "in-window"
+        [temp] = [p for p in folder.iterdir()]
+        assert temp.name.startswith(".") and temp.stat().st_size > 0
+        # A write by another process while the writer is alive leaves its temp file alone.
+        other = _python(_WRITE, str(folder / "00001.idx"))
+        assert other.wait(60) == 0
+        assert temp.exists()
+    finally:
+        writer.kill()
+        writer.wait(30)
+    assert writer.returncode == -signal.SIGKILL
+    assert not (folder / "00000.idx").exists()  # no partial file visible under the real name
+    assert temp.exists()
+
+    # An old temp file from a writer on another machine (its pid means nothing here) goes when stale.
+    foreign = folder / ".curator-tmp-00000000-1-abcd"
+    foreign.write_bytes(b"x")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(foreign, (old, old))
+    recent_foreign = folder / ".curator-tmp-00000000-1-beef"
+    recent_foreign.write_bytes(b"x")
+
+    nxt = _python(_WRITE, str(folder / "00002.idx"))
+    assert nxt.wait(60) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [recent_foreign.name, "00001.idx", "00002.idx"]
+    assert (folder / "00002.idx").read_bytes() == b"next write"
