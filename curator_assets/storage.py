@@ -385,6 +385,10 @@ _TRANSIENT_NAMES = ("Connect", "ClientOSError", "Payload", "Incomplete", "Discon
 _TRANSIENT_ERRNOS = (errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT)
 
 
+# A body cut short or a connection dropped mid-answer (aiohttp, botocore, azure-core, urllib3).
+_CUT_SHORT_NAMES = ("Payload", "ContentLength", "Incomplete", "Disconnect", "Streaming", "ChunkedEncoding")
+
+
 def _status_of(exc: BaseException) -> int | None:
     for attr in ("status_code", "status", "code"):
         value = getattr(exc, attr, None)
@@ -412,6 +416,8 @@ def classify(exc: BaseException) -> tuple[str, bool]:
             return STORE_NOT_FOUND, False
         if isinstance(e, PermissionError) or name in _DENIED_NAMES or str(e).startswith("Forbidden"):
             return STORE_DENIED, False
+        if any(part in name for part in _CUT_SHORT_NAMES):  # aiohttp's carry a made-up status 400
+            return STORE_UNAVAILABLE, True
         status = _status_of(e)
         if status is not None:
             if status in (401, 403):
