@@ -184,7 +184,12 @@ def test_faults_outlasting_the_retries_fail_only_that_shard(faulty, local_indexe
     assert sorted(rows) == list(KEYS)
     bad = rows["00001"]
     assert not bad["ok"]
-    assert fault.hits == 1 + int(FAST_ENV["CURATOR_STORE_RETRIES"])
+    attempts = 1 + int(FAST_ENV["CURATOR_STORE_RETRIES"])
+    if faulty.store.name == "azure" and kind != "status":
+        # azure-storage-blob's downloader retries a body cut short 3 times inside each attempt.
+        assert fault.hits == 3 * attempts
+    else:
+        assert fault.hits == attempts
     if verb == "validate":
         [problem] = bad["problems"]
         assert problem["code"] == "shard_unreadable" and f"[{STORE_UNAVAILABLE}]" in problem["detail"]
