@@ -173,7 +173,9 @@ def test_refusal_fails_that_shard_at_once(faulty):
 def test_faults_outlasting_the_retries_fail_only_that_shard(faulty, local_indexes, verb):
     kind, status = {"index": ("reset", 0), "validate": ("truncate", 0), "decode": ("status", 503)}[verb]
     if verb == "decode":  # decode reads through the index
-        assert faulty.cli("index", faulty.url).returncode == 0
+        dataset = faulty.dataset()
+        for key in KEYS:
+            ensure_index(dataset, key)
     fault = faulty.proxy.inject(kind, status, match=reads("00001.tar"))
     extra = {"index": ["--force"], "validate": [], "decode": ["--device", "cpu"]}[verb]
     proc = faulty.cli(verb, faulty.url, "--json", *extra)
