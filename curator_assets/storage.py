@@ -13,6 +13,7 @@ import os
 import posixpath
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -451,6 +452,30 @@ def first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+_read_counts = threading.local()
+
+
+@contextmanager
+def counting_reads() -> Iterator[list[int]]:
+    """Count the bytes this thread reads from object stores inside the block: yields a one-item
+    list holding the running total (what a step reports as ``bytes_read``)."""
+    outer = getattr(_read_counts, "box", None)
+    box = [0]
+    _read_counts.box = box
+    try:
+        yield box
+    finally:
+        _read_counts.box = outer
+        if outer is not None:
+            outer[0] += box[0]
+
+
+def _counted(n: int) -> None:
+    box = getattr(_read_counts, "box", None)
+    if box is not None:
+        box[0] += n
+
+
 class GuardedFS:
     """An fsspec filesystem whose calls are bounded in time, retried on transient faults, and
     fail as one :class:`StorageError` naming the object (never a credential).
@@ -495,6 +520,7 @@ class GuardedFS:
         result = self.retrying(lambda: method(path, *args, **kwargs), path)
         if name == "cat_file" and isinstance(result, (bytes, bytearray)):
             self.bytes_read += len(result)
+            _counted(len(result))
         return result
 
     def retrying(self, fn: Callable[[], Any], path: Any) -> Any:
@@ -572,6 +598,7 @@ class RemoteFile:
         data = self.fs.retrying(get, self.path)
         self.bytes_read += len(data)
         self.fs.bytes_read += len(data)
+        _counted(len(data))
         return data
 
     def _timeout(self) -> dict[str, float]:
