@@ -247,7 +247,11 @@ def _split_url(url: str, storage_options: dict[str, Any]):
     try:
         fs, path = fsspec.core.url_to_fs(url, **client_options(protocol, options, policy))
     except (ImportError, ValueError) as exc:
-        raise StorageError(f"{url}: cannot open this location: {redact(str(exc), options)}") from exc
+        raise StorageError(f"{url}: cannot open this location: {redact(first_line(exc), options)}") from exc
+    except Exception as exc:  # noqa: BLE001 - a client may fail at set-up (credential files, auth libraries)
+        code, _ = classify(exc)
+        raise StorageError(f"{url}: cannot open this location: {redact(first_line(exc), options)} [{code}]",
+                           code) from exc
     if _is_local(fs):
         return fs, path
     tune_client(fs)
