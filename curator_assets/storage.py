@@ -354,7 +354,7 @@ _SECRET_OPTION_NAMES = ("key", "secret", "token", "password", "connection_string
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING",
                "AZURE_STORAGE_SAS_TOKEN", "AZURE_CLIENT_SECRET", "GCS_TOKEN")
 _SECRET_PATTERNS = re.compile(
-    r"(AccountKey=)[^;\s]+|([?&](?:sig|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature)=)[^&\s'\"]+",
+    r"(AccountKey=)[^;\s]+|(\b(?:sig|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature)=)[^&\s'\",;]+",
     re.IGNORECASE,
 )
 

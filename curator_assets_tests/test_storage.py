@@ -16,8 +16,11 @@ from curator_assets.storage import (
     STALE_TEMP_S,
     Dataset,
     StorageError,
+    StorePolicy,
     UnsafeKeyError,
     key_for_relpath,
+    redact,
+    secret_values,
     write_atomic,
 )
 
@@ -236,3 +239,29 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path: Pa
     assert nxt.wait(60) == 0
     assert sorted(p.name for p in folder.iterdir()) == [recent_foreign.name, "00001.idx", "00002.idx"]
     assert (folder / "00002.idx").read_bytes() == b"next write"
+
+
+def test_store_policy_from_options_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CURATOR_STORE_TIMEOUT", raising=False)
+    monkeypatch.delenv("CURATOR_STORE_RETRIES", raising=False)
+    policy, rest = StorePolicy.split({"endpoint_url": "http://x"})
+    assert (policy.timeout, policy.retries, rest) == (30.0, 4, {"endpoint_url": "http://x"})
+    monkeypatch.setenv("CURATOR_STORE_TIMEOUT", "7")
+    monkeypatch.setenv("CURATOR_STORE_RETRIES", "0")
+    assert StorePolicy.split({})[0][:2] == (7.0, 0)
+    policy, rest = StorePolicy.split({"store_timeout": 2.5, "store_retries": 1, "anon": True})
+    assert (policy.timeout, policy.retries, rest) == (2.5, 1, {"anon": True})
+    with pytest.raises(StorageError):
+        StorePolicy.split({"store_timeout": "soon"})
+
+
+def test_messages_never_carry_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envSECRETvalue123")
+    options = {"connection_string": "AccountName=a;AccountKey=keyVALUE99==;BlobEndpoint=http://h/a;",
+               "secret": "optSECRET456", "endpoint_url": "http://127.0.0.1:9000"}
+    text = ("failed with AccountKey=keyVALUE99== and optSECRET456, envSECRETvalue123, "
+            "https://h/a/c/b?sv=1&sig=SIGvalue%2B1&se=2 X-Amz-Signature=abcdef0123")
+    out = redact(text, options)
+    for secret in ("keyVALUE99", "optSECRET456", "envSECRETvalue123", "SIGvalue", "abcdef0123"):
+        assert secret not in out
+    assert "http://127.0.0.1:9000" not in secret_values(options)
