@@ -83,24 +83,32 @@ def _error_row(dataset, key: str, exc: BaseException) -> dict:
     except Exception:  # noqa: BLE001 - the store itself may be what failed
         shard_url = key
     msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
-    return {"shard": shard_url, "key": key, "ok": False, "error": msg}
+    row = {"shard": shard_url, "key": key, "ok": False, "error": msg}
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):  # a StorageError's stable code (store_unavailable, store_denied, ...)
+        row["code"] = code
+    return row
 
 
 def _index_row(target: tuple[object, str, bool]) -> dict:
     """Index one shard; the CLI's row for it (errors included, never raised)."""
     from curator_assets.index import IndexFormatError, ensure_index
-    from curator_assets.storage import StorageError
+    from curator_assets.storage import StorageError, counting_reads
     from curator_assets.tar_members import TarError
 
     dataset, key, force = target
     try:
-        r = ensure_index(dataset, key, force=force)
+        with counting_reads() as read:
+            r = ensure_index(dataset, key, force=force)
     except (TarError, IndexFormatError, StorageError, OSError) as exc:
         return _error_row(dataset, key, exc)
-    return {
+    row = {
         "shard": r.shard_url, "key": r.key, "ok": True, "index": r.index_url, "records": r.records,
         "members": r.members, "bytes": r.bytes, "seconds": round(r.seconds, 6), "reused": r.reused,
     }
+    if not dataset.all_local:  # bytes fetched from the object store (local reads are not counted)
+        row["bytes_read"] = read[0]
+    return row
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -128,12 +136,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def _validate_row(target: tuple[object, str, int, dict | None]) -> dict:
     """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it)."""
-    from curator_assets.storage import StorageError
+    from curator_assets.storage import StorageError, counting_reads
     from curator_assets.validation import unreadable_report, validate_shard
 
     dataset, key, max_pixels, severities = target
     try:
-        return validate_shard(dataset, key, max_pixels=max_pixels, severities=severities).summary_json()
+        with counting_reads() as read:
+            row = validate_shard(dataset, key, max_pixels=max_pixels, severities=severities).summary_json()
+        if not dataset.all_local:  # bytes fetched from the object store
+            row["bytes_read"] = read[0]
+        return row
     except (StorageError, OSError) as exc:
         try:
             shard_url = dataset.url_of(dataset.shard_path(key))

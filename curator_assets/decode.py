@@ -57,6 +57,7 @@ import numpy as np
 
 from curator_assets.index import IndexComponent, IndexFormatError, parse_index
 from curator_assets.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
+from curator_assets.storage import StorageError
 from curator_assets.tar_members import (
     REGULAR_TYPES,
     _check_header,
@@ -333,6 +334,8 @@ def plan_shard(dataset, key: str) -> ShardPlan:
     shard = dataset.shard(key)
     try:
         raw = dataset.read_index_bytes(key)
+    except StorageError:
+        raise
     except OSError as exc:
         raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
     problems: list[str] = []
@@ -471,6 +474,8 @@ class ShardReader:
             return os.pread(self._file.fileno(), end - start, start)
         try:
             return self.dataset.fs.cat_file(self.path, start=start, end=end)
+        except StorageError:
+            raise  # already names the shard, with its code
         except OSError as exc:
             raise DecodeError(f"{self.plan.shard_url}: read of bytes {start}-{end} failed: {exc}") from exc
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from curator_assets.index import ensure_index, parse_index
-from curator_assets.storage import Dataset, StorageError, UnsafeKeyError, key_for_relpath, write_atomic
+from curator_assets.storage import (
+    STALE_TEMP_S,
+    Dataset,
+    StorageError,
+    StorePolicy,
+    UnsafeKeyError,
+    key_for_relpath,
+    redact,
+    secret_values,
+    write_atomic,
+)
 
 
 def test_keys_recursive_any_case(tmp_path: Path, make_shard) -> None:
@@ -151,3 +164,104 @@ def test_modified_time_in_every_form_a_store_reports() -> None:
     assert modified_at({"last_modified": when}) == when.timestamp()  # Azure
     assert modified_at({"updated": "2026-11-24T10:00:00.123Z"}) == when.timestamp()  # GCS
     assert modified_at({"size": 3}) is None
+
+
+def test_longest_legal_shard_name_is_indexed_and_reported(tmp_path: Path, make_shard) -> None:
+    # 250 bytes with ".tar": its .idx and report names (250 and 251 bytes) fit the 255-byte limit;
+    # the temp files of the atomic writes must fit too.
+    name = "r" * 246 + ".tar"
+    make_shard(name, n=3)
+    dataset = Dataset(str(tmp_path / "dataset"))
+    [shard] = dataset.list_shards().shards
+    result = ensure_index(dataset, shard.key)
+    assert not result.reused and result.records == 3
+    idx = Path(dataset.index_path(shard.key))
+    assert len(idx.name.encode()) == 250
+    assert len(parse_index(idx.read_bytes())) == 3
+    report = Path(dataset.write_output("validation", shard.key, ".json", b"{}").removeprefix("file://"))
+    assert report.read_bytes() == b"{}"
+    leftovers = [p.name for p in idx.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+_HANG_IN_WRITE = """
+import os, sys, time
+from curator_assets import storage
+
+def hang(fd):  # inside the write window: temp file written, not yet renamed
+    print("in-window", flush=True)
+    time.sleep(120)
+
+os.fsync = hang
+storage.write_atomic(storage.LocalFS(), sys.argv[1], b"partial " * 1000)
+"""
+
+_WRITE = """
+import sys
+from curator_assets import storage
+storage.write_atomic(storage.LocalFS(), sys.argv[1], b"next write")
+"""
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    writer = _python(_HANG_IN_WRITE, str(folder / "00000.idx"))
+    try:
+        assert writer.stdout.readline().strip() == "in-window"
+        [temp] = [p for p in folder.iterdir()]
+        assert temp.name.startswith(".") and temp.stat().st_size > 0
+        # A write by another process while the writer is alive leaves its temp file alone.
+        other = _python(_WRITE, str(folder / "00001.idx"))
+        assert other.wait(60) == 0
+        assert temp.exists()
+    finally:
+        writer.kill()
+        writer.wait(30)
+    assert writer.returncode == -signal.SIGKILL
+    assert not (folder / "00000.idx").exists()  # no partial file visible under the real name
+    assert temp.exists()
+
+    # An old temp file from a writer on another machine (its pid means nothing here) goes when stale.
+    foreign = folder / ".curator-tmp-00000000-1-abcd"
+    foreign.write_bytes(b"x")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(foreign, (old, old))
+    recent_foreign = folder / ".curator-tmp-00000000-1-beef"
+    recent_foreign.write_bytes(b"x")
+
+    nxt = _python(_WRITE, str(folder / "00002.idx"))
+    assert nxt.wait(60) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [recent_foreign.name, "00001.idx", "00002.idx"]
+    assert (folder / "00002.idx").read_bytes() == b"next write"
+
+
+def test_store_policy_from_options_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CURATOR_STORE_TIMEOUT", raising=False)
+    monkeypatch.delenv("CURATOR_STORE_RETRIES", raising=False)
+    policy, rest = StorePolicy.split({"endpoint_url": "http://x"})
+    assert (policy.timeout, policy.retries, rest) == (30.0, 4, {"endpoint_url": "http://x"})
+    monkeypatch.setenv("CURATOR_STORE_TIMEOUT", "7")
+    monkeypatch.setenv("CURATOR_STORE_RETRIES", "0")
+    assert StorePolicy.split({})[0][:2] == (7.0, 0)
+    policy, rest = StorePolicy.split({"store_timeout": 2.5, "store_retries": 1, "anon": True})
+    assert (policy.timeout, policy.retries, rest) == (2.5, 1, {"anon": True})
+    with pytest.raises(StorageError):
+        StorePolicy.split({"store_timeout": "soon"})
+
+
+def test_messages_never_carry_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envSECRETvalue123")
+    options = {"connection_string": "AccountName=a;AccountKey=keyVALUE99==;BlobEndpoint=http://h/a;",
+               "secret": "optSECRET456", "endpoint_url": "http://127.0.0.1:9000"}
+    text = ("failed with AccountKey=keyVALUE99== and optSECRET456, envSECRETvalue123, "
+            "https://h/a/c/b?sv=1&sig=SIGvalue%2B1&se=2 X-Amz-Signature=abcdef0123")
+    out = redact(text, options)
+    for secret in ("keyVALUE99", "optSECRET456", "envSECRETvalue123", "SIGvalue", "abcdef0123"):
+        assert secret not in out
+    assert "http://127.0.0.1:9000" not in secret_values(options)
