@@ -1,6 +1,6 @@
 """End to end as a user sees it: `dagster dev` (webserver + daemon) with a real instance. The
-sensor is switched on through the webserver's GraphQL API, picks up the shards, and the daemon
-runs the shard pipeline for each one."""
+sensor is on by default, picks up the shards without any click, and the daemon runs the shard
+pipeline over them, several shards per run."""
 
 from __future__ import annotations
 
@@ -37,21 +37,28 @@ def gql(url: str, query: str, variables: dict | None = None) -> dict:
 
 
 RUNS = """{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"""
-START_SENSOR = """mutation($sel: SensorSelector!) { startSensor(sensorSelector: $sel) {
+SENSOR = """query($sel: SensorSelector!) { sensorOrError(sensorSelector: $sel) {
   __typename ... on Sensor { sensorState { status } } ... on PythonError { message } } }"""
 ASSETS = """{ assetNodes { assetKey { path } groupName kinds } }"""
 
 
 @pytest.fixture
-def dagster_dev(tmp_path: Path, make_shard):
+def automation() -> str:
+    return "on"
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path, make_shard, automation: str):
     make_shard("00000.tar", n=4)
+    make_shard("00002.tar", n=2)
+    make_shard("00003.tar", n=2)
     make_shard("part-a/00001.tar", n=3)
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(tmp_path / "dataset"),
-           "CURATOR_SENSOR_INTERVAL": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+           "CURATOR_SENSOR_INTERVAL": "1", "DAGSTER_DISABLE_TELEMETRY": "1", "CURATOR_AUTOMATION": automation}
     log = open(tmp_path / "dagster-dev.log", "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
@@ -102,9 +109,9 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
     assert "shard_index" in nodes and nodes["shard_index"]["groupName"] == "shards"
 
     sel = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__", "sensorName": "shard_sensor"}
-    started = gql(url, START_SENSOR, {"sel": sel})["startSensor"]
-    assert started["__typename"] == "Sensor", started
-    assert started["sensorState"]["status"] == "RUNNING"
+    sensor = gql(url, SENSOR, {"sel": sel})["sensorOrError"]
+    assert sensor["__typename"] == "Sensor", sensor
+    assert sensor["sensorState"]["status"] == "RUNNING"  # on by default: nothing to click
 
     deadline = time.time() + 240
     runs: list[dict] = []
@@ -114,11 +121,14 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
         if len(runs) >= 2 and len(done) == len(runs):
             break
         time.sleep(2)
-    partitions = sorted(t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition")
-    assert partitions == ["00000", "part-a/00001"], runs
+    # Four new shards over two run slots: two runs of two consecutive shards each.
+    ranges = sorted((tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end"))
+                    for r in runs for tags in [{t["key"]: t["value"] for t in r["tags"]}])
+    assert ranges == [("00000", "00002"), ("00003", "part-a/00001")], runs
     assert all(r["status"] == "SUCCESS" for r in runs), failures(tmp_path / "home")
-    assert (tmp_path / "dataset" / "00000.idx").exists()
-    assert (tmp_path / "dataset" / "part-a" / "00001.idx").exists()
+    for key in ("00000", "00002", "00003", "part-a/00001"):
+        assert (tmp_path / "dataset" / f"{key}.idx").exists()
+        assert (tmp_path / "dataset" / "_curator" / "manifests" / f"{key}.parquet").exists()
 
 
 BACKFILL = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
@@ -130,6 +140,7 @@ ADD_PARTITION = """mutation($sel: RepositorySelector!, $key: String!) {
     __typename ... on PythonError { message } } }"""
 
 
+@pytest.mark.parametrize("automation", ["off"])  # the sensor would run the shards before the backfill
 def test_a_backfill_over_every_shard_indexes_validates_and_decodes(dagster_dev) -> None:
     """What a user does from the UI: add the shards, backfill the per-shard assets over all
     partitions, and read the manifests afterwards."""
@@ -137,7 +148,7 @@ def test_a_backfill_over_every_shard_indexes_validates_and_decodes(dagster_dev) 
 
     url, tmp_path = dagster_dev
     repo = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
-    for key in ("00000", "part-a/00001"):
+    for key in ("00000", "00002", "00003", "part-a/00001"):
         added = gql(url, ADD_PARTITION, {"sel": repo, "key": key})["addDynamicPartition"]
         assert added["__typename"] == "AddDynamicPartitionSuccess", added
     params = {
@@ -155,8 +166,11 @@ def test_a_backfill_over_every_shard_indexes_validates_and_decodes(dagster_dev) 
             break
         time.sleep(2)
     assert status == "COMPLETED_SUCCESS", (status, failures(tmp_path / "home"))
+    runs = gql(url, RUNS)["runsOrError"]["results"]
+    assert len(runs) == 1, runs  # the backfill policy puts the four shards in one run
     dataset = tmp_path / "dataset"
-    for key, shard in (("00000", dataset / "00000.tar"), ("part-a/00001", dataset / "part-a" / "00001.tar")):
+    for key in ("00000", "00002", "00003", "part-a/00001"):
+        shard = dataset / f"{key}.tar"
         manifest = pq.read_table(dataset / "_curator" / "manifests" / f"{key}.parquet").to_pandas()
         with tarfile.open(shard) as tar:
             keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})

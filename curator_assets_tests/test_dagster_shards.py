@@ -186,7 +186,8 @@ def test_sensor_batches_new_shards_into_ranged_runs_each_shard_its_own_partition
         make_shard(f"{name}.tar", n=2)
     storage = ShardStorage(dataset_url=str(tmp_path / "dataset"))
     result = tick(instance, storage)
-    ranges = [(r.tags.get(partitions.RANGE_START_TAG), r.tags.get(partitions.RANGE_END_TAG)) for r in result.run_requests]
+    ranges = [(r.tags.get(partitions.RANGE_START_TAG), r.tags.get(partitions.RANGE_END_TAG))
+              for r in result.run_requests]
     assert ranges == [("00000", "00002"), ("00003", "00004")]
     assert all(r.partition_key is None and r.run_key for r in result.run_requests)
     assert [r.tags["curator/shards"] for r in result.run_requests] == ["3", "2"]

@@ -23,7 +23,8 @@ def incomplete_shards(instance: dg.DagsterInstance) -> list[str]:
 @dg.schedule(
     job=shard_pipeline,
     cron_schedule=os.environ.get("CURATOR_CATCH_UP_CRON", "0 2 * * *"),
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=(dg.DefaultScheduleStatus.STOPPED if os.environ.get("CURATOR_AUTOMATION") == "off"
+                    else dg.DefaultScheduleStatus.RUNNING),
     description="Nightly: run the shard pipeline on every shard that has not completed it (new, failed, or missed).",
 )
 def catch_up_schedule(context: dg.ScheduleEvaluationContext):

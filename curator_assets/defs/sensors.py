@@ -53,7 +53,8 @@ def _requests(keys: list[str], order: list[str], current: dict[str, str], reason
 @dg.sensor(
     job=shard_pipeline,
     minimum_interval_seconds=int(os.environ.get("CURATOR_SENSOR_INTERVAL", "30")),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=(dg.DefaultSensorStatus.STOPPED if os.environ.get("CURATOR_AUTOMATION") == "off"
+                    else dg.DefaultSensorStatus.RUNNING),
     description="Lists the dataset; adds new shards as partitions and runs the shard pipeline on new or changed "
     "ones, several shards per run.",
 )
