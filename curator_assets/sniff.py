@@ -136,13 +136,10 @@ _FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "tiff": "TIFF", "
 # Whole images
 
 
-def check_image(get: Get, size: int, *, max_pixels: int | None = None, jpeg_expected: bool = False) -> ImageCheck:
-    """The rules for one image member of ``size`` bytes.
-
-    Problem codes: ``not_jpeg`` (``jpeg_expected``: a .jpg/.jpeg member that is not JPEG data) or
-    ``not_image`` (no accepted format at all), ``jpeg_bad_header`` / ``image_bad_header``,
-    ``jpeg_truncated``, ``jpeg_trailing_data`` (informational), ``image_too_large``.
-    """
+def check_header(get: Get, size: int, *, max_pixels: int | None = None, jpeg_expected: bool = False
+                 ) -> tuple[ImageHeader | None, list[tuple[str, str]]]:
+    """The format and header rules of :func:`check_image`, without the look at the image's end:
+    ``(header or None, problems)``. Reads the first bytes only (for JPEG, up to the frame header)."""
     head = get(0, 16) if size else b""
     fmt = image_format(head)
     if fmt is None or (jpeg_expected and fmt != "jpeg"):
@@ -154,18 +151,28 @@ def check_image(get: Get, size: int, *, max_pixels: int | None = None, jpeg_expe
         else:
             what = "JPEG start-of-image marker" if jpeg_expected else "image format decode accepts"
             detail = f"no {what}: {describe(head)}"
-        return ImageCheck(None, ((code, detail),), size)
+        return None, [(code, detail)]
     try:
         header = read_header(fmt, get, size)
     except ImageProblem as exc:
-        return ImageCheck(None, ((exc.code, exc.detail),), size)
-    problems: list[tuple[str, str]] = []
+        return None, [(exc.code, exc.detail)]
     pixels = header.width * header.height
     if max_pixels is not None and pixels > max_pixels:
-        problems.append(("image_too_large", f"{header.width}x{header.height} = {pixels:,} pixels, over the "
-                         f"limit of {max_pixels:,}"))
+        return header, [("image_too_large", f"{header.width}x{header.height} = {pixels:,} pixels, over the "
+                         f"limit of {max_pixels:,}")]
+    return header, []
+
+
+def check_image(get: Get, size: int, *, max_pixels: int | None = None, jpeg_expected: bool = False) -> ImageCheck:
+    """The rules for one image member of ``size`` bytes.
+
+    Problem codes: ``not_jpeg`` (``jpeg_expected``: a .jpg/.jpeg member that is not JPEG data) or
+    ``not_image`` (no accepted format at all), ``jpeg_bad_header`` / ``image_bad_header``,
+    ``jpeg_truncated``, ``jpeg_trailing_data`` (informational), ``image_too_large``.
+    """
+    header, problems = check_header(get, size, max_pixels=max_pixels, jpeg_expected=jpeg_expected)
     end = size
-    if fmt == "jpeg":
+    if header is not None and header.format == "jpeg":
         end, problem = jpeg_end(get, size, header.sof_at)
         if problem is not None:
             problems.append((problem.code, problem.detail))
