@@ -448,10 +448,10 @@ def not_a_tar(head: bytes) -> str | None:
     if not head or not head.strip(b"\0"):
         return None
     if head.startswith(_LFS_POINTER):
-        return "a Git LFS pointer file, not the shard itself (run `git lfs pull`)"
+        return "not a tar archive: a Git LFS pointer file, not the shard itself (run `git lfs pull`)"
     for magic, what in _ARCHIVE_MAGIC:
         if head.startswith(magic):
-            return f"it is {what}; shards must be plain, uncompressed tar files"
+            return f"not a tar archive: it is {what}; shards must be plain, uncompressed tar files"
     if len(head) >= 263 and head[257:262] == b"ustar":
         return None
     name_ends = head.find(b"\0", 0, 101) >= 0
@@ -461,7 +461,7 @@ def not_a_tar(head: bytes) -> str | None:
     if not name_ends and len(head) <= 100 and b"\n" not in head and head.isascii():
         return None  # too little to tell: a tar cut short inside its first name
     what = "text" if image_format(head[:16]) is None and _is_text(head) else describe(head[:16])
-    return f"{what}, not a tar archive"
+    return f"not a tar archive: {what}"
 
 
 def _is_text(head: bytes) -> bool:

@@ -154,7 +154,7 @@ def test_a_jpeg_with_a_trailer_is_complete(photos):
     (b"Just a readme, written by hand.\n" * 20, "text"),
     (gzip.compress(b"x" * 1000)[:512], "gzip"),
     (b"\x28\xb5\x2f\xfd" + bytes(508), "zstd"),
-    (random.Random(1).randbytes(512), "not a tar"),
+    (random.Random(1).randbytes(512), "unknown data"),
 ])
 def test_files_that_are_no_tar(head, what):
     assert what in sniff.not_a_tar(head)
