@@ -107,6 +107,13 @@ CODES: dict[str, tuple[str, str]] = {
 
 DEFAULT_SEVERITIES: dict[str, str] = {code: sev for code, (sev, _) in CODES.items()}
 
+# Problems of one record's contents: what decode fails that record for (whatever their severity,
+# except info). The others concern the shard as a whole (its tar, index or record IDs).
+RECORD_CODES = frozenset({
+    "missing_image", "ambiguous_extension", "not_jpeg", "not_image", "jpeg_bad_header", "image_bad_header",
+    "jpeg_truncated", "jpeg_trailing_data", "image_too_large", "bad_json", "bad_text",
+})
+
 IMAGE_EXTS = frozenset(schema.IMAGE_EXTENSIONS)
 JSON_EXTS = frozenset({"json"})
 TEXT_EXTS = frozenset(schema.TEXT_SUFFIXES)
@@ -233,11 +240,11 @@ class ShardReport:
         return dict(sorted(Counter(p.code for p in self.problems).items()))
 
     def problem_records(self) -> dict[str, list[Problem]]:
-        """Record-level problems by record ID (errors and warnings; informational ones change
-        nothing): what a decoder marks failed instead of decoding."""
+        """Record-level problems (:data:`RECORD_CODES`) by record ID: what a decoder marks failed
+        instead of decoding. Informational ones change nothing."""
         out: dict[str, list[Problem]] = {}
         for p in self.problems:
-            if p.severity != INFO and p.record_id is not None:
+            if p.code in RECORD_CODES and p.severity != INFO and p.record_id is not None:
                 out.setdefault(p.record_id, []).append(p)
         return out
 

@@ -367,3 +367,15 @@ def test_decode_of_an_indexed_truncated_tar_is_not_ok(tmp_path, photos):
     assert not result.ok and result.shard_errors[0][0] == "tar_truncated"
     assert len(rows) == 4 and not rows[-1].decoded and all(r.decoded for r in rows[:-1])
     assert np.sum([r.decoded for r in rows]) == 3
+
+
+def test_record_level_problems_are_what_decode_fails(flagged):
+    dataset = Dataset(str(flagged))
+    strict = validate_shard(dataset, "00000", severities={"bad_json": "error", "image_too_large": "info"})
+    assert set(strict.problem_records()) == {"000", "003"}  # an error still fails its record; info never does
+    assert not strict.ok
+    write_members(flagged / "00001.tar", [("000.jpg", b"\xff\xd8\xff"), ("000.jpg", b"x")])
+    dup = validate_shard(dataset, "00001")
+    assert "duplicate_record_id" in {p.code for p in dup.problems}  # shard-level: blocks the shard instead
+    assert set(dup.problem_records()) == {"000"}
+    assert {p.code for p in dup.problem_records()["000"]} == {"jpeg_truncated", "not_jpeg"}
