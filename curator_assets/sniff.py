@@ -44,6 +44,7 @@ JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # as Pillow names them
 FORMATS = ("jpeg", "png", "webp", "tiff", "bmp", "jpeg2000", "pnm")  # what decode accepts
 
 _JPEG_TAIL = 64
+_HEADER_BLOCK = 4096
 _WALK_CHUNK = 1 << 16
 # A marker inside or after entropy-coded data: 0xFF followed by anything but a stuffed zero, a
 # restart marker or another fill byte.
@@ -199,15 +200,21 @@ def read_header(fmt: str, get: Get, size: int) -> ImageHeader:
 
 def jpeg_header(get: Get, size: int) -> ImageHeader:
     """Walk the markers of a JPEG up to its frame header; raises :class:`ImageProblem`
-    (jpeg_bad_header / jpeg_truncated)."""
+    (jpeg_bad_header / jpeg_truncated). Reads a block at a time (one read for most images; a
+    large EXIF or ICC segment costs another), walking inside it: this runs per decoded image."""
+    base, buf = 0, get(0, _HEADER_BLOCK)
     pos = 2
     while True:
-        b = get(pos, 4)
-        if len(b) < 2:
+        i = pos - base
+        n = len(buf)
+        if i + 10 > n and base + n < size:  # the next marker is past what was read: read on from it
+            base, buf, i = pos, get(pos, _HEADER_BLOCK), 0
+            n = len(buf)
+        if i + 2 > n:
             raise ImageProblem("jpeg_truncated", f"ends at byte {size} before the frame header")
-        if b[0] != 0xFF:
-            raise ImageProblem("jpeg_bad_header", f"expected a marker at byte {pos}, found {b[0]:02x}")
-        marker = b[1]
+        if buf[i] != 0xFF:
+            raise ImageProblem("jpeg_bad_header", f"expected a marker at byte {pos}, found {buf[i]:02x}")
+        marker = buf[i + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
@@ -217,22 +224,21 @@ def jpeg_header(get: Get, size: int) -> ImageHeader:
         if marker in (0xD8, 0xD9, 0xDA):
             what = {0xD8: "a second start-of-image", 0xD9: "end-of-image", 0xDA: "start-of-scan"}[marker]
             raise ImageProblem("jpeg_bad_header", f"{what} marker at byte {pos} before any frame header")
-        if len(b) < 4:
+        if i + 4 > n:
             raise ImageProblem("jpeg_truncated", f"ends at byte {size} inside the marker at byte {pos}")
-        length = (b[2] << 8) | b[3]
+        length = (buf[i + 2] << 8) | buf[i + 3]
         if length < 2:
             raise ImageProblem("jpeg_bad_header", f"segment {marker:02x} at byte {pos} has length {length}")
         if marker in SOF_PROCESS:
-            frame = get(pos + 4, 6)
-            if len(frame) < 6:
+            if i + 10 > n:
                 raise ImageProblem("jpeg_truncated", f"ends at byte {size} inside the frame header")
-            height = (frame[1] << 8) | frame[2]
-            width = (frame[3] << 8) | frame[4]
+            height = (buf[i + 5] << 8) | buf[i + 6]
+            width = (buf[i + 7] << 8) | buf[i + 8]
             if width == 0 or height == 0:
                 raise ImageProblem("jpeg_bad_header", f"frame header gives a {width}x{height} image")
-            comps = frame[5]
-            return ImageHeader("jpeg", width, height, comps, JPEG_MODES.get(comps, f"{comps} components"),
-                               marker in PROGRESSIVE_SOF, SOF_PROCESS[marker], pos)
+            comps = buf[i + 9]
+            mode = JPEG_MODES.get(comps) or f"{comps} components"
+            return ImageHeader("jpeg", width, height, comps, mode, marker in PROGRESSIVE_SOF, SOF_PROCESS[marker], pos)
         pos += 2 + length
         if pos >= size:
             raise ImageProblem("jpeg_truncated", f"ends at byte {size} before the frame header")
@@ -258,6 +264,7 @@ def jpeg_end(get: Get, size: int, sof_at: int) -> tuple[int, ImageProblem | None
     """``(end, problem)``: where the image ends (just after its end-of-image marker) and
     ``jpeg_trailing_data`` when other bytes follow it, ``jpeg_truncated`` when it has none."""
     end = size
+    tail = b""
     while end > 0:  # zero padding after the marker is normal: encoders and copy tools add it
         n = min(_JPEG_TAIL, end)
         tail = get(end - n, n).rstrip(b"\0")
@@ -265,7 +272,7 @@ def jpeg_end(get: Get, size: int, sof_at: int) -> tuple[int, ImageProblem | None
             end = end - n + len(tail)
             break
         end -= n
-    if end >= 2 and get(end - 2, 2) == b"\xff\xd9":
+    if tail.endswith(b"\xff\xd9") or (len(tail) == 1 and end >= 2 and get(end - 2, 2) == b"\xff\xd9"):
         return size, None
     eoi = find_jpeg_end(get, size, scan_start(get, size, sof_at))
     if eoi is None:
