@@ -52,8 +52,8 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
         except (StorageError, OSError, ValueError) as exc:
             yield None, None, f"{path}: {exc}" if path not in str(exc) else str(exc)
             continue
-        for _shard_path, why in listing.rejected:
-            yield None, None, why
+        for shard_path, why in listing.rejected:
+            yield None, None, why if shard_path in why else f"{shard_path}: {why}"
         if not listing.shards and not listing.rejected:
             yield None, None, f"{path}: no .tar shards found"
         for shard in listing.shards:

@@ -386,8 +386,7 @@ class Dataset:
             if any(p.startswith(".") for p in parts[:-1]) or parts[0] == OUTPUT_DIRNAME:
                 continue
             if compressed is not None:
-                url = self.url_of(path)
-                listing.rejected.append((url, f"{url}: {compressed_reason(compressed)}"))
+                listing.rejected.append((self.url_of(path), compressed_reason(compressed)))
                 continue
             if info.get("type", "file") != "file":
                 if info.get("type") == "link":

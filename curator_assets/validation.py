@@ -2,10 +2,12 @@
 
 Two passes, one report. The precise pass goes member by member: the recovering tar scanner
 (so records after a damaged spot are still found and counted), then per record a few small
-ranged reads: the head of each JPEG (marker walk up to the frame header), its last bytes
-(end-of-image marker) and the side files. Image payloads are never read whole and nothing is
-decoded. On a local file a vectorised pass runs first and proves most shards clean at several
-times the speed; it hands anything it cannot prove to the precise pass (see below).
+ranged reads: the head of each image (its header; for JPEG a marker walk up to the frame
+header), a JPEG's last bytes (its end-of-image marker) and the side files. Image payloads are
+never read whole, except a JPEG that does not end with its marker: its markers are walked to
+tell a trailer after a complete image (``jpeg_trailing_data``) from a cut (``jpeg_truncated``).
+Nothing is decoded. On a local file a vectorised pass runs first and proves most shards clean
+at several times the speed; it hands anything it cannot prove to the precise pass (see below).
 
 Every problem has a stable code and a severity. Shard-level problems (the tar, the index,
 record IDs) are errors: a reader would return wrong or shifted data, so the shard must not

@@ -379,3 +379,13 @@ def test_record_level_problems_are_what_decode_fails(flagged):
     assert "duplicate_record_id" in {p.code for p in dup.problems}  # shard-level: blocks the shard instead
     assert set(dup.problem_records()) == {"000"}
     assert {p.code for p in dup.problem_records()["000"]} == {"jpeg_truncated", "not_jpeg"}
+
+
+def test_compressed_shards_are_listed_as_rejected(bad_inputs):
+    listing = Dataset(str(bad_inputs["mixed"])).list_shards()
+    assert [s.key for s in listing.shards] == ["00000"]
+    rejected = dict(listing.rejected)
+    assert sorted(Path(p).name for p in rejected) == ["00001.tar.zst", "00002.tgz"]
+    assert all("compressed" in why and "decompress" in why for why in rejected.values())
+    alone = Dataset(str(bad_inputs["compressed"] / "00000.tar.gz")).list_shards()  # named directly
+    assert not alone.shards and "gzip-compressed" in alone.rejected[0][1]
