@@ -52,8 +52,8 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
         except (StorageError, OSError, ValueError) as exc:
             yield None, None, f"{path}: {exc}" if path not in str(exc) else str(exc)
             continue
-        for _shard_path, why in listing.rejected:
-            yield None, None, why
+        for shard_path, why in listing.rejected:
+            yield None, None, why if shard_path in why else f"{shard_path}: {why}"
         if not listing.shards and not listing.rejected:
             yield None, None, f"{path}: no .tar shards found"
         for shard in listing.shards:
@@ -77,17 +77,37 @@ def _listed(args: argparse.Namespace, error_row, *, output_url: str | None = Non
 
 
 def _error_row(dataset, key: str, exc: BaseException) -> dict:
-    """The row for a shard that failed: its URL and a message that names it once."""
+    """The row for a shard that failed: its URL, a stable code and a message that names it once."""
     try:
         shard_url = dataset.url_of(dataset.shard_path(key))
     except Exception:  # noqa: BLE001 - the store itself may be what failed
         shard_url = key
-    msg = str(exc) if shard_url in str(exc) else f"{shard_url}: {exc}"
-    row = {"shard": shard_url, "key": key, "ok": False, "error": msg}
+    code, text = _error_code(dataset, key, exc)
+    msg = text if shard_url in text else f"{shard_url}: {text}"
+    return {"shard": shard_url, "key": key, "ok": False, "code": code, "error": msg}
+
+
+def _error_code(dataset, key: str, exc: BaseException) -> tuple[str, str]:
+    """A failed shard's code and message. A tar that fails at its first block is looked at
+    once more: a file that is no tar at all (compressed, a Git LFS pointer, text) says so."""
+    from curator_assets.tar_members import TarError
+
+    if isinstance(exc, TarError):
+        if exc.problem.offset == 0:
+            from curator_assets.sniff import not_a_tar
+
+            try:
+                with dataset.open_shard(key) as f:
+                    why = not_a_tar(f.read(512))
+            except OSError:
+                why = None
+            if why is not None:
+                return "not_a_tar", f"{why} (not_a_tar)"
+        return exc.problem.code, str(exc)
     code = getattr(exc, "code", None)
-    if isinstance(code, str):  # a StorageError's stable code (store_unavailable, store_denied, ...)
-        row["code"] = code
-    return row
+    if not isinstance(code, str):
+        code = "shard_unreadable" if isinstance(exc, OSError) else "failed"
+    return code, str(exc)
 
 
 def _index_row(target: tuple[object, str, bool]) -> dict:
@@ -134,17 +154,21 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _validate_row(target: tuple[object, str, int, dict | None]) -> dict:
-    """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it)."""
+def _validate_row(target: tuple[object, str, int, dict | None, bool]) -> dict:
+    """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it).
+    With ``write``, the full report goes where decode reads its verdict."""
     from curator_assets.storage import StorageError, counting_reads
-    from curator_assets.validation import unreadable_report, validate_shard
+    from curator_assets.validation import unreadable_report, validate_shard, write_report
 
-    dataset, key, max_pixels, severities = target
+    dataset, key, max_pixels, severities, write = target
     try:
         with counting_reads() as read:
-            row = validate_shard(dataset, key, max_pixels=max_pixels, severities=severities).summary_json()
+            report = validate_shard(dataset, key, max_pixels=max_pixels, severities=severities)
+        row = report.summary_json()
         if not dataset.all_local:  # bytes fetched from the object store
             row["bytes_read"] = read[0]
+        if write:
+            row["report"] = write_report(dataset, report)
         return row
     except (StorageError, OSError) as exc:
         try:
@@ -157,9 +181,11 @@ def _validate_row(target: tuple[object, str, int, dict | None]) -> dict:
 def _print_validation(row: dict, limit: int = 20) -> None:
     problems = row["problems"]
     errors = sum(1 for p in problems if p["severity"] == "error")
-    warnings = len(problems) - errors
+    infos = sum(1 for p in problems if p["severity"] == "info")
+    warnings = len(problems) - errors - infos
     state = "ok" if row["ok"] else "FAILED"
-    counts = ", ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((errors, "error"), (warnings, "warning")) if n)
+    counts = ", ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((errors, "error"), (warnings, "warning"),
+                                                                     (infos, "note")) if n)
     print(f"{row['shard']}: {state}, {row['records']} records" + (f", {counts}" if counts else ""), flush=True)
     for p in problems[:limit]:
         where = " ".join(x for x in (p["record_id"], p["member"]) if x)
@@ -178,8 +204,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
-    shards, failed = _listed(args, lambda error: unreadable_report(None, error, severities).summary_json())
-    targets = [(dataset, key, args.max_pixels, severities) for dataset, key in shards]
+    shards, failed = _listed(args, lambda error: unreadable_report(None, error, severities).summary_json(),
+                             output_url=args.output)
+    write = bool(args.write_report or args.output)
+    targets = [(dataset, key, args.max_pixels, severities, write) for dataset, key in shards]
 
     from curator_assets.parallel import map_shards
 
@@ -202,7 +230,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _severity(text: str) -> tuple[str, str]:
     code, sep, level = text.partition("=")
     if not sep or not code or not level:
-        raise argparse.ArgumentTypeError(f"expected CODE=error|warning, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected CODE=error|warning|info, got {text!r}")
     return code, level
 
 
@@ -218,7 +246,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     """Decode every shard; a record that does not decode is a manifest row, not a failure. The
-    exit status is 1 only when a whole shard could not be decoded (or listed)."""
+    exit status is 1 when a shard could not be decoded (or listed), or is damaged (a truncated
+    tar: its readable records are still in the manifest)."""
     from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
     from curator_assets.index import IndexFormatError
     from curator_assets.storage import StorageError
@@ -227,7 +256,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     try:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
                                 hw_decoder_load=args.hw_decoder_load, fast_idct=args.fast_idct,
-                                reader=args.reader, pipelines=args.pipelines)
+                                reader=args.reader, pipelines=args.pipelines, max_pixels=args.max_pixels)
         decoder = ShardDecoder(options)
     except (ValueError, DecodeError) as exc:
         _err(str(exc))
@@ -247,18 +276,29 @@ def cmd_decode(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(row), flush=True)
             continue
+        if not result.ok:  # a damaged shard: what could be read is in the manifest, but not all of it
+            failures += 1
+            for code, detail in result.shard_errors:
+                _err(f"{result.shard_url}: {code}: {detail}")
         if args.json:
-            print(json.dumps({**result.as_dict(), "ok": True}), flush=True)
+            print(json.dumps(result.as_dict()), flush=True)
             continue
-        extra = "".join(f", {n} {what}" for n, what in ((result.failed, "failed"),
-                                                        (result.no_image, "without an image")) if n)
-        print(f"{result.shard_url}: decoded {result.decoded}/{result.records}{extra} "
-              f"({result.images_per_second:.0f} images/s) -> {result.manifest_url}", flush=True)
-        for note in result.problems:
-            print(f"  note: {note}", flush=True)
-        for record_id, err in result.errors[:10]:
-            print(f"  {record_id}: {err}", flush=True)
+        _print_decoded(result)
     return 1 if failures else 0
+
+
+def _print_decoded(result) -> None:
+    extra = "".join(f", {n} {what}" for n, what in ((result.failed, "failed"),
+                                                    (result.no_image, "without an image")) if n)
+    state = "" if result.ok else "FAILED, "
+    print(f"{result.shard_url}: {state}decoded {result.decoded}/{result.records}{extra} "
+          f"({result.images_per_second:.0f} images/s) -> {result.manifest_url}", flush=True)
+    if result.flagged:
+        print(f"  {result.flagged} record(s) failed by the validation report", flush=True)
+    for note in result.problems:
+        print(f"  note: {note}", flush=True)
+    for record_id, err in result.errors[:10]:
+        print(f"  {record_id}: {err}", flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -292,8 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=100_000_000, metavar="N",
                    help="report images with more pixels than this as image_too_large (default: 100 megapixels)")
     p.add_argument("--severity", dest="severities", action="append", type=_severity, metavar="CODE=LEVEL",
-                   help="make a problem code an error or a warning (repeatable)")
+                   help="make a problem code an error, a warning or info (repeatable)")
     p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")
+    p.add_argument("--write-report", action="store_true",
+                   help="write each report to <output>/validation/<key>.json, where decode reads its verdict")
+    p.add_argument("--output", metavar="URL",
+                   help="the output location for --write-report (implies it; default: <dataset>/_curator)")
     p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                    metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
@@ -315,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of JPEGs for the GPU's hardware decoder, 0-1 (default: 0.65)")
     p.add_argument("--fast-idct", action="store_true",
                    help="libjpeg-turbo's fast IDCT on the CPU path: faster, pixels may differ by a few levels")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, metavar="N",
+                   help="never decode an image whose header declares more pixels (default: 100 megapixels)")
     p.add_argument("--reader", choices=("auto", "stream", "dali"), default="auto",
                    help="stream: ranged reads through fsspec (any store); dali: DALI's webdataset reader (local)")
     p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")

@@ -21,17 +21,30 @@ The shape of it:
 * **Decode**: ``fn.decoders.image`` with ``device="mixed"`` (nvJPEG and the hardware JPEG
   decoder) when a CUDA device is usable, else ``device="cpu"`` (libjpeg-turbo), always to RGB.
   EXIF orientation is applied (``adjust_orientation``); grayscale and CMYK come out as RGB.
-* **Isolate**: one undecodable image makes DALI fail the whole batch. Bytes that are not an image
-  at all are caught before DALI by the sniff, and a JPEG without its end marker is decoded on its
-  own; when a batch still fails, its records are decoded one at a time on a fresh pipeline, so
-  only the bad ones fail, each with its error.
+* **Guard**: before DALI sees an image, its header is read by the rules of
+  :mod:`curator_assets.sniff` (the ones validation applies): bytes that are no image fail the
+  record, and so does an image whose header declares more than :attr:`DecodeOptions.max_pixels`
+  (``image_too_large``), so a decompression bomb never reaches the decoder, with or without a
+  validation report. A complete JPEG followed by a trailer (a Motion Photo's video) is decoded
+  from the bytes up to its end marker.
+* **Verdict**: when the shard has a validation report made from this very tar (same
+  fingerprint), every record it lists with a record-level problem is failed with the report's
+  code and detail instead of being decoded. A record whose components' extensions differ only
+  in case (``.JPG`` and ``.jpg``) is failed as ``ambiguous_extension`` (see
+  :mod:`curator_assets.schema`).
+* **Isolate**: one undecodable image makes DALI fail the whole batch. A JPEG without its end
+  marker is decoded on its own; when a batch still fails, its records are decoded one at a time
+  on a fresh pipeline, so only the bad ones fail, each with its error.
 * **Stream**: two DALI pipelines (:attr:`DecodeOptions.pipelines`) decode batches side by side,
   each one batch at a time, so one keeps the cores busy while the other starts or ends a batch;
   batches come out in tar order. At most a few batches of encoded bytes and decoded images
   exist at a time.
 
 Every record of the shard comes out: decoded, or with ``decoded=False`` and an error (no image
-member, not an image, a decode failure, data past the end of a truncated tar).
+member, not an image, too large, flagged by validation, a decode failure, data past the end of
+a truncated tar). A shard that is no tar at all, or an empty one, raises :class:`DecodeError`
+(code ``not_a_tar`` / ``tar_truncated``); a damaged tar is decoded as far as it can be read and
+its result says ``ok: False`` with the shard-level problems.
 """
 
 from __future__ import annotations
@@ -40,7 +53,6 @@ import bisect
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import queue
 import re
@@ -55,8 +67,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from curator_assets import schema
 from curator_assets.index import IndexComponent, IndexFormatError, parse_index
 from curator_assets.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
+from curator_assets.sniff import ImageProblem, check_header, check_image, jpeg_header, not_a_tar
 from curator_assets.storage import StorageError
 from curator_assets.tar_members import (
     REGULAR_TYPES,
@@ -67,11 +81,11 @@ from curator_assets.tar_members import (
     scan_tar,
 )
 
-# Extensions (the whole extension, compared case-insensitively) whose member is the record's
-# image, in order of preference when a record has more than one.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "jp2", "j2k", "pnm", "ppm", "pgm", "pbm")
-CAPTION_EXTENSIONS = ("txt",)
-METADATA_EXTENSIONS = ("json",)
+# The record schema's roles (whole extension, any case); kept here under their old names.
+IMAGE_EXTENSIONS = schema.IMAGE_EXTENSIONS
+CAPTION_EXTENSIONS = schema.CAPTION_EXTENSIONS
+METADATA_EXTENSIONS = schema.METADATA_EXTENSIONS
+DEFAULT_MAX_PIXELS = 100_000_000  # as validation's --max-pixels: larger images are never decoded
 
 DEVICES = ("auto", "cpu", "gpu")
 READERS = ("auto", "stream", "dali")
@@ -85,15 +99,27 @@ REMOTE_GAP = 1 << 20
 
 
 class DecodeError(RuntimeError):
-    """A shard that cannot be decoded at all (the message names it); records never raise this."""
+    """A shard that cannot be decoded at all (the message names it); records never raise this.
+    ``code`` is a stable code (``not_a_tar``, ``tar_truncated``, ``idx_stale``, ...)."""
+
+    code = "decode_failed"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class StaleIndexError(DecodeError):
     """The shard's ``.idx`` does not describe its tar (the tar changed after indexing)."""
 
+    code = "idx_stale"
+
 
 class DeviceUnavailableError(DecodeError):
     """``device="gpu"`` was asked for on a machine without a usable CUDA device."""
+
+    code = "device_unavailable"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +143,8 @@ class DecodeOptions:
     # pipeline leaves cores idle while a batch starts and ends (parsing, output allocation,
     # the last images of the batch); two keep them busy: +8-10% images/s measured on 2 cores.
     pipelines: int = 2
+    # Images whose header declares more pixels are failed as image_too_large, never decoded.
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -135,6 +163,8 @@ class DecodeOptions:
             raise ValueError(f"pipelines must be at least 1, not {self.pipelines}")
         if self.device_id < 0:
             raise ValueError(f"device_id must be 0 or more, not {self.device_id}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be at least 1, not {self.max_pixels}")
 
     @property
     def threads(self) -> int:
@@ -206,78 +236,52 @@ def resolve_device(device: str = "auto", device_id: int = 0) -> DeviceChoice:
 @dataclass(frozen=True)
 class Sniff:
     format: str | None  # jpeg, png, ... or None when the bytes are no image DALI can decode
-    error: str | None = None  # why the bytes cannot decode (None: looks decodable)
+    error: str | None = None  # why the bytes must not go to the decoder (None: looks decodable)
     width: int | None = None
     height: int | None = None
     channels: int | None = None  # components in the encoded image
     progressive: bool = False
     suspect: bool = False  # probably fails (e.g. a JPEG without its end marker): decode it alone
+    end: int | None = None  # where the image ends, when a trailer follows it (a Motion Photo's video)
+    code: str | None = None  # the validation code of ``error`` (not_image, image_too_large, ...)
 
 
-_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
-_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))
-_STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))  # TEM, RST0-7: no length field
+def sniff_image(data: bytes | memoryview, max_pixels: int | None = None) -> Sniff:
+    """What an encoded image is, by the rules of :func:`curator_assets.sniff.check_image`
+    (magic number, header, pixel limit, JPEG end marker). Costs a few small slices of ``data``."""
+    size = len(data)
 
+    def get(pos: int, n: int) -> bytes:
+        return bytes(data[pos : pos + n])
 
-def sniff_image(data: bytes | memoryview) -> Sniff:
-    """What an encoded image is, from its magic number; for JPEG also its frame header."""
-    head = bytes(data[:16])
-    if head[:3] == b"\xff\xd8\xff":
-        return _sniff_jpeg(data)
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        fmt = "png"
-    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        fmt = "webp"
-    elif head[:4] in (b"II*\x00", b"MM\x00*"):
-        fmt = "tiff"
-    elif head[:2] == b"BM":
-        fmt = "bmp"
-    elif head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
-        fmt = "jpeg2000"
-    elif len(head) >= 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[1:2] != b"":
-        fmt = "pnm"
-    else:
-        if not head:
-            return Sniff(None, "empty image member")
-        return Sniff(None, f"not an image: starts with {head[:8]!r}")
-    return Sniff(fmt)
-
-
-def _sniff_jpeg(data: bytes | memoryview) -> Sniff:
-    n = len(data)
-    pos = 2
-    while pos < n:
-        if data[pos] != 0xFF:
-            return Sniff("jpeg", f"corrupt JPEG: no marker at byte {pos}")
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker in _STANDALONE:
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return Sniff("jpeg", "corrupt JPEG: no frame header before the image data")
-        if pos + 2 > n:
-            break
-        length = (data[pos] << 8) | data[pos + 1]
-        if length < 2:
-            return Sniff("jpeg", f"corrupt JPEG: bad segment length at byte {pos}")
-        if marker in _SOF_MARKERS:
-            if pos + 8 > n:
-                break
-            height = (data[pos + 3] << 8) | data[pos + 4]
-            width = (data[pos + 5] << 8) | data[pos + 6]
-            comps = data[pos + 7]
-            if width == 0:
-                return Sniff("jpeg", "corrupt JPEG: frame header says width 0")
-            # Without the end-of-image marker libjpeg stops early and DALI fails the sample.
-            tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
-            return Sniff("jpeg", None, width, height or None, comps, marker in _PROGRESSIVE,
-                         suspect=not tail.endswith(b"\xff\xd9"))
-        pos += length
-    return Sniff("jpeg", "truncated JPEG: ends before its frame header")
+    # Hot path (measured: this runs per decoded image): a JPEG that ends with its end marker needs
+    # only its frame header; that is what check_image would conclude, without its general steps.
+    if data[:3] == b"\xff\xd8\xff" and data[size - 2 :] == b"\xff\xd9":
+        try:
+            h = jpeg_header(get, size)
+        except ImageProblem:
+            pass
+        else:
+            if max_pixels is None or h.width * h.height <= max_pixels:
+                return Sniff("jpeg", None, h.width, h.height, h.components, h.progressive)
+    found = check_image(get, size, max_pixels=max_pixels)
+    header = found.header
+    fmt = header.format if header is not None else None
+    if header is None:
+        code, detail = found.problems[0]
+        if code == "not_image":
+            error = "empty image member" if size == 0 else f"not an image: {detail}"
+            return Sniff(None, error, code=code)
+        return Sniff("jpeg" if code.startswith("jpeg") else None, f"{code}: {detail}", code=code)
+    sniff = Sniff(fmt, None, header.width, header.height, header.components, header.progressive)
+    for code, detail in found.problems:
+        if code == "image_too_large":
+            return dataclasses.replace(sniff, error=f"{code}: {detail}", code=code)
+        if code == "jpeg_truncated":  # libjpeg stops early and DALI fails the sample: decode it alone
+            sniff = dataclasses.replace(sniff, suspect=True)
+        elif code == "jpeg_trailing_data":
+            sniff = dataclasses.replace(sniff, end=found.end)
+    return sniff
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +300,7 @@ class PlannedRecord(NamedTuple):  # a tuple: one is made and read per record on 
     caption: Component | None
     metadata: Component | None
     needed: tuple[Component, ...]  # the image, caption and JSON that the record has, in that order
+    verdict: str | None = None  # "code: detail" when the record is failed without decoding
 
 
 @dataclass
@@ -308,29 +313,69 @@ class ShardPlan:
     verify_headers: bool  # check each member's tar header (the plan came from an index)
     bytes_read: int = 0  # what planning read (index bytes, or tar headers)
     problems: list[str] = field(default_factory=list)  # shard-level notes (a damaged tar, ...)
+    # Shard-level problems that make the result not ok: (code, detail), e.g. a truncated tar.
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    report: str = "none"  # the validation report: "used" | "stale" | "none" | "unreadable"
+    flagged: int = 0  # records failed by the report's verdict
 
 
-_ROLES = {
-    **{ext: (0, rank) for rank, ext in enumerate(IMAGE_EXTENSIONS)},
-    **{ext: (1, rank) for rank, ext in enumerate(CAPTION_EXTENSIONS)},
-    **{ext: (2, rank) for rank, ext in enumerate(METADATA_EXTENSIONS)},
-}
+_SLOTS = {schema.IMAGE: 0, schema.CAPTION: 1, schema.METADATA: 2}
+_ROLES = {ext: (_SLOTS[role], rank) for ext, (role, rank) in schema.ROLES.items()}
 
 
 def _planned(position: int, record_id: str, comps: tuple[Component, ...]) -> PlannedRecord:
-    """The record with its image, caption and JSON picked out (by extension, case-insensitively)."""
+    """The record with its image, caption and JSON picked out (by the schema's roles, any case).
+    Two components of one role whose extensions differ only in case make it ambiguous."""
     picked: list = [None, None, None]
     ranks = [len(IMAGE_EXTENSIONS)] * 3
+    verdict = None
     for c in comps:
         role = _ROLES.get(c[0]) or _ROLES.get(c[0].lower())
-        if role is not None and role[1] < ranks[role[0]]:
-            ranks[role[0]] = role[1]
-            picked[role[0]] = c
-    return PlannedRecord(position, record_id, comps, *picked, tuple(c for c in picked if c is not None))
+        if role is None:
+            continue
+        slot, rank = role
+        if rank < ranks[slot]:
+            ranks[slot] = rank
+            picked[slot] = c
+        elif rank == ranks[slot] and c[0] != picked[slot][0]:
+            verdict = (f"ambiguous_extension: .{picked[slot][0]} and .{c[0]} differ only in case; rename one "
+                       "(lower-casing readers refuse the record)")
+    return PlannedRecord(position, record_id, comps, *picked, tuple(c for c in picked if c is not None), verdict)
 
 
-def plan_shard(dataset, key: str) -> ShardPlan:
-    """The records of shard ``key``: from its ``.idx`` when it has a v1.2 one, else a header scan."""
+def apply_report(plan: ShardPlan, report, fingerprint: str | None) -> None:
+    """Fail the records that ``report`` (a :class:`~curator_assets.validation.ShardReport`)
+    lists with record-level problems, with its code and detail; only when the report was made
+    from this tar (``fingerprint``), else it is stale and ignored."""
+    if report is None:
+        return
+    if not report.describes(fingerprint):
+        plan.report = "stale"
+        plan.problems.append("the validation report describes an older version of the tar: not used")
+        return
+    plan.report = "used"
+    flagged = report.problem_records()
+    if not flagged:
+        return
+    records = plan.records
+    for n, rec in enumerate(records):
+        problems = flagged.get(rec.record_id)
+        if problems and rec.verdict is None:
+            text = "; ".join(f"{p.code}: {p.detail}" for p in problems[:3])
+            records[n] = rec._replace(verdict=f"{text} (validation report)")
+            plan.flagged += 1
+
+
+AUTO = "auto"  # plan_shard's report: read the shard's stored validation report, if any
+
+
+def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
+    """The records of shard ``key``: from its ``.idx`` when it has a v1.2 one, else a header scan.
+
+    ``report``: the shard's :class:`~curator_assets.validation.ShardReport` whose verdict fails
+    records (see :func:`apply_report`); ``"auto"`` reads the stored one, None uses none.
+    Raises :class:`DecodeError` for a file that is no tar at all, or holds nothing readable.
+    """
     shard = dataset.shard(key)
     try:
         raw = dataset.read_index_bytes(key)
@@ -338,35 +383,71 @@ def plan_shard(dataset, key: str) -> ShardPlan:
         raise
     except OSError as exc:
         raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
+    plan = None
     problems: list[str] = []
     if raw:
         idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
         try:
             index = parse_index(raw, idx_url)
         except IndexFormatError as exc:
-            raise DecodeError(f"{shard.url}: unreadable index: {exc}") from exc
+            raise DecodeError(f"{shard.url}: unreadable index: {exc}", "idx_unreadable") from exc
         if index.has_names:
             records = [_planned(n, rec.key or "", rec.components) for n, rec in enumerate(index.records)]
             plan = ShardPlan(key, shard.url, shard.size, records, "index", True, len(raw), problems)
             plan.bytes_read += _check_tail(dataset, plan)
-            return plan
-        problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
-    with dataset.open_shard(key) as f:
+        else:
+            problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
+    if plan is None:
+        plan = _scanned_plan(dataset, shard, problems)
+    if report == AUTO:
+        report = _stored_report(dataset, key, plan)
+    apply_report(plan, report, shard.fingerprint)
+    return plan
+
+
+def _scanned_plan(dataset, shard, problems: list[str]) -> ShardPlan:
+    with dataset.open_shard(shard.key) as f:
         scan = scan_tar(f, recover=True, total_size=shard.size)
+        if scan.problems and not scan.members:  # nothing readable: say what the file is
+            f.seek(0)
+            why = not_a_tar(f.read(512))
+            first = scan.problems[0]
+            if why is not None:
+                raise DecodeError(f"{shard.url}: {why}", "not_a_tar")
+            raise DecodeError(f"{shard.url}: {first.detail} (at byte {first.offset}): nothing to decode", first.code)
     problems += [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
     records = [
         _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
         for n, rec in enumerate(group_records(scan.members))
     ]
-    return ShardPlan(key, shard.url, shard.size, records, "scan", False, 512 * len(scan.members), problems)
+    plan = ShardPlan(shard.key, shard.url, shard.size, records, "scan", False, 512 * len(scan.members), problems)
+    plan.errors += [(p.code, f"{p.detail} (at byte {p.offset})") for p in scan.problems]
+    return plan
+
+
+def _stored_report(dataset, key: str, plan: ShardPlan):
+    from curator_assets.validation import read_report
+
+    try:
+        return read_report(dataset, key)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        plan.report = "unreadable"
+        plan.problems.append(f"the validation report cannot be read ({exc}): not used")
+        return None
 
 
 def _check_tail(dataset, plan: ShardPlan) -> int:
     """Raise :class:`StaleIndexError` when the tar has records after the last one the index lists
     (a shard appended to after indexing): the end-of-archive blocks should follow it. Only when
-    something else follows are the headers after it scanned. Returns the bytes read."""
+    something else follows are the headers after it scanned. A tar that ends inside or right
+    after the last member is truncated: that goes into ``plan.errors``. Returns the bytes read."""
     end = max((c.offset + -(-c.size // 512) * 512 for r in plan.records[-1:] for c in r.components), default=0)
-    if end >= plan.shard_size:
+    if end > plan.shard_size:
+        plan.errors.append(("tar_truncated", f"the tar ends at byte {plan.shard_size}, inside the members its "
+                            f".idx lists (up to byte {end})"))
+        return 0
+    if end == plan.shard_size and plan.records:
+        plan.errors.append(("tar_truncated", "archive ends without the two zero end-of-archive blocks"))
         return 0
     path = dataset.shard_path(plan.key)
     block = dataset.fs.cat_file(path, start=end, end=min(end + 512, plan.shard_size))
@@ -451,9 +532,10 @@ def _stale_message(plan: ShardPlan, comp: Component, why: str) -> str:
 class ShardReader:
     """Reads the needed components of a shard's records, batch by batch, in tar order."""
 
-    def __init__(self, dataset, plan: ShardPlan):
+    def __init__(self, dataset, plan: ShardPlan, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.dataset = dataset
         self.plan = plan
+        self.max_pixels = max_pixels
         self.local = bool(dataset.local)
         self.path = dataset.shard_path(plan.key)
         self._file = None
@@ -490,6 +572,38 @@ class ShardReader:
                 why = _header_problem(self._read(c.offset - 512, c.offset), c)
             if why is not None:
                 raise StaleIndexError(_stale_message(self.plan, c, why))
+
+    def guard_images(self) -> None:
+        """Fail (in the plan) every image whose header is unreadable or declares more than
+        ``max_pixels``, reading only its first bytes: for readers that hand DALI whole members."""
+        records = self.plan.records
+        size = self.plan.shard_size
+        for n, rec in enumerate(records):
+            img = rec.image
+            if img is None or rec.verdict is not None or img.offset + img.size > size:
+                continue
+            _, problems = check_header(self._member_get(img), img.size, max_pixels=self.max_pixels)
+            if problems:
+                records[n] = rec._replace(verdict="{}: {}".format(*problems[0]))
+
+    def _member_get(self, comp: Component):
+        """``get(pos, n)`` over one member's bytes, through a 4 KiB read-ahead: a header walk
+        usually costs one read."""
+        cache = [0, b""]
+        limit = comp.size
+
+        def get(pos: int, n: int) -> bytes:
+            n = min(n, limit - pos)
+            if n <= 0:
+                return b""
+            start, buf = cache
+            if start <= pos and pos + n <= start + len(buf):
+                return buf[pos - start : pos - start + n]
+            buf = self._read(comp.offset + pos, comp.offset + pos + min(max(n, 4096), limit - pos))
+            cache[0], cache[1] = pos, buf
+            return buf[:n]
+
+        return get
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[EncodedBatch]:
         records = self.plan.records[start:stop]
@@ -555,35 +669,28 @@ class ShardReader:
                 row.metadata, row.metadata_error = check_metadata(data)
         if img is None:
             found = ", ".join(row.extensions) or "none"
-            row.error = f"no image member (components: {found})"
+            row.error = rec.verdict or f"no image member (components: {found})"
             return enc
         data = view(img.offset, img.offset + img.size)
         if data is None:
             row.error = f"image data runs past the end of the shard ({self.plan.shard_size} bytes): tar truncated"
             return enc
         row.sha256 = hashlib.sha256(data).hexdigest()
-        sniff = sniff_image(data)
+        sniff = sniff_image(data, self.max_pixels)
         enc.sniff = sniff
         row.format = sniff.format
         row.source_channels = sniff.channels
-        if sniff.error:
-            row.error = sniff.error
+        if sniff.error or rec.verdict:
+            row.error = rec.verdict or sniff.error
             return enc
+        if sniff.end is not None:  # a trailer after the image (a Motion Photo's video): not for the decoder
+            data = data[: sniff.end]
         enc.image = np.frombuffer(data, dtype=np.uint8)
         return enc
 
 
-def check_metadata(data: bytes | memoryview) -> tuple[str | None, str | None]:
-    """The .json component as JSON text (exactly as stored), or why it cannot be kept."""
-    try:
-        text = str(data, "utf-8")
-    except UnicodeDecodeError as exc:
-        return None, f"the .json is not UTF-8 (byte {exc.start})"
-    try:
-        json.loads(text)
-    except ValueError as exc:
-        return None, f"the .json is not valid JSON: {exc}"
-    return text, None
+# The .json rule lives in the record schema (one rule for validation and the manifest).
+check_metadata = schema.parse_metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,7 +867,7 @@ class ShardDecoder:
     # -- the stream reader -------------------------------------------------------------------
 
     def stream_batches(self, dataset, plan: ShardPlan, *, keep_images: bool) -> Iterator[DecodedBatch]:
-        with ShardReader(dataset, plan) as reader:
+        with ShardReader(dataset, plan, self.options.max_pixels) as reader:
             source = _prefetched(reader.batches(self.options.batch_size), self.options.prefetch)
             try:
                 yield from self._in_order(plan, source, keep_images)
@@ -847,16 +954,19 @@ class ShardDecoder:
         bs = self.options.batch_size
         records = plan.records
         position = 0
-        with ShardReader(dataset, plan) as reader, tempfile.TemporaryDirectory(prefix="curator-decode-") as tmp:
+        with ShardReader(dataset, plan, self.options.max_pixels) as reader, \
+                tempfile.TemporaryDirectory(prefix="curator-decode-") as tmp:
             if plan.verify_headers:
                 reader.spot_check()
+            reader.guard_images()  # DALI's reader decodes all it is given: no bomb may be in its index
             run: _NativeRun | None = None
             while position < len(records):
                 chunk = records[position : position + bs]
-                want = [r for r in chunk if r.image is not None]
+                want = [r for r in chunk if r.image is not None and r.verdict is None]
                 if want and run is None:
                     idx = os.path.join(tmp, f"from-{position}.idx")
-                    _write_native_index(idx, [r for r in records[position:] if r.image is not None])
+                    _write_native_index(idx, [r for r in records[position:]
+                                              if r.image is not None and r.verdict is None])
                     run = _NativeRun(self.device, self.options, tar_path, idx)
                 try:
                     outs = run.take(len(want)) if want else []
@@ -878,8 +988,8 @@ class ShardDecoder:
         bytes_read = 0
         samples = iter(outs)
         for rec in chunk:
-            if rec.image is None:
-                enc = reader.read_batch([rec])  # its caption and JSON, if any; the row says "no image"
+            if rec.image is None or rec.verdict is not None:
+                enc = reader.read_batch([rec])  # its caption and JSON, if any; the row says why no image
                 bytes_read += enc.bytes_read
                 rows.append(enc.records[0].row)
                 continue
@@ -1038,6 +1148,15 @@ class DecodeResult:
     problems: list[str]
     preview: list[ManifestRow]  # the first few rows, for a glance
     errors: list[tuple[str, str]]  # (record_id, error) of the first records that did not decode
+    # Shard-level problems (code, detail), e.g. a truncated tar: the readable records are in the
+    # manifest, but the shard is not whole, so the result is not ok.
+    shard_errors: list[tuple[str, str]] = field(default_factory=list)
+    report: str = "none"  # the validation report: used | stale | none | unreadable
+    flagged: int = 0  # records failed by the validation report's verdict
+
+    @property
+    def ok(self) -> bool:
+        return not self.shard_errors
 
     @property
     def images_per_second(self) -> float:
@@ -1051,6 +1170,8 @@ class DecodeResult:
             "seconds": round(self.seconds, 6), "images_per_s": round(self.images_per_second, 1),
             "bytes_read": self.bytes_read, "problems": self.problems,
             "errors": [{"record_id": r, "error": e} for r, e in self.errors],
+            "ok": self.ok, "shard_errors": [{"code": c, "detail": d} for c, d in self.shard_errors],
+            "report": self.report, "flagged": self.flagged,
         }
 
 
@@ -1062,16 +1183,19 @@ def decode_shard(
     decoder: ShardDecoder | None = None,
     write: bool = True,
     preview_rows: int = 5,
+    report: Any = AUTO,
 ) -> tuple[DecodeResult, list[ManifestRow]]:
     """Decode every image of shard ``key`` and (with ``write``) write its Parquet manifest.
 
     Returns the summary and the manifest rows (one per record, in tar order). Raises
     :class:`DecodeError` (or ``StorageError``) for a shard that cannot be decoded at all; a record
     that cannot be decoded is a row with ``decoded=False`` and its error, never an exception.
+    ``report``: the validation verdict to apply (``"auto"``: the shard's stored report, trusted
+    only while the tar keeps the fingerprint it was made from; None: none).
     """
     start = time.perf_counter()
     decoder = decoder or ShardDecoder(options)
-    plan = plan_shard(dataset, key)
+    plan = plan_shard(dataset, key, report)
     reader = decoder.reader_for(dataset, plan)
     rows: list[ManifestRow] = []
     bytes_read = plan.bytes_read
@@ -1088,12 +1212,14 @@ def decode_shard(
         key, plan.shard_url, None, len(rows), decoded, len(rows) - decoded - no_image, no_image,
         decoder.device.name, decoder.device.reason, reader, plan.source, seconds, bytes_read,
         plan.problems, rows[:preview_rows], [(r.record_id, r.error or "") for r in rows if not r.decoded][:20],
+        list(plan.errors), plan.report, plan.flagged,
     )
     if write:
         info = {
             "shard": key, "shard_url": plan.shard_url, "device": result.device, "reader": reader,
             "plan": plan.source, "records": result.records, "decoded": decoded, "failed": result.failed,
             "no_image": no_image, "problems": plan.problems, "dali": _dali_version(),
+            "ok": result.ok, "shard_errors": [f"{c}: {d}" for c, d in plan.errors], "report": plan.report,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_manifest(dataset, key, manifest_table(rows, info))
@@ -1143,6 +1269,7 @@ def iter_batches(
     storage_options: dict | None = None,
     device_id: int = 0,
     pipelines: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[DecodedBatch]:
     """Decoded images of one or more shards, batch by batch, in tar order.
 
@@ -1160,7 +1287,7 @@ def iter_batches(
     """
     options = DecodeOptions(device=device, batch_size=batch_size, num_threads=num_threads,
                             hw_decoder_load=hw_decoder_load, fast_idct=fast_idct, reader=reader,
-                            device_id=device_id, pipelines=pipelines)
+                            device_id=device_id, pipelines=pipelines, max_pixels=max_pixels)
     decoder = ShardDecoder(options)
     for dataset, key in resolve_shards(shards, storage_options):
         yield from decoder.batches(dataset, key, keep_images=True)

@@ -60,6 +60,28 @@ class UnsafeKeyError(ValueError):
     """A shard path that cannot be a Dagster partition key."""
 
 
+# Names of compressed tar archives -> the compression. They are listed so that they are
+# reported, never silently skipped: a shard must be a plain tar (offsets into it are the index).
+COMPRESSED_SUFFIXES = {
+    ".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tar.zstd": "zstd", ".tzst": "zstd",
+    ".tar.bz2": "bzip2", ".tbz2": "bzip2", ".tbz": "bzip2", ".tar.xz": "xz", ".txz": "xz", ".tar.lz4": "lz4",
+}
+
+
+def compressed_kind(path: str) -> str | None:
+    """The compression a file name says (``00000.tar.gz`` -> ``gzip``), or None."""
+    lower = path.lower()
+    for suffix, kind in COMPRESSED_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return kind
+    return None
+
+
+def compressed_reason(kind: str) -> str:
+    return (f"a {kind}-compressed shard, not decoded or indexed: shards must be plain .tar files (an index "
+            f"holds byte offsets into the uncompressed tar); decompress it first")
+
+
 def partition_key_problem(key: str) -> str | None:
     """Why ``key`` cannot be a safe partition key, or None when it can."""
     if not key:
@@ -659,7 +681,7 @@ class Dataset:
         self.local = _is_local(self.fs)
         path = path.rstrip("/") or "/"
         self.single: str | None = None
-        if path.lower().endswith(".tar") and not self._isdir(path):
+        if (path.lower().endswith(".tar") or compressed_kind(path)) and not self._isdir(path):
             self.single = path
             path = posixpath.dirname(path) or "/"
         self.root = path
@@ -766,11 +788,15 @@ class Dataset:
         prefix = self.root.rstrip("/") + "/"
         seen: dict[str, str] = {}
         for path, info in entries.items():
-            if not path.lower().endswith(".tar"):
+            compressed = None if path.lower().endswith(".tar") else compressed_kind(path)
+            if compressed is None and not path.lower().endswith(".tar"):
                 continue
             rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
             parts = rel.split("/")
             if any(p.startswith(".") for p in parts[:-1]) or parts[0] == OUTPUT_DIRNAME:
+                continue
+            if compressed is not None:
+                listing.rejected.append((self.url_of(path), compressed_reason(compressed)))
                 continue
             if info.get("type", "file") != "file":
                 if info.get("type") == "link":

@@ -2,15 +2,25 @@
 
 Two passes, one report. The precise pass goes member by member: the recovering tar scanner
 (so records after a damaged spot are still found and counted), then per record a few small
-ranged reads: the head of each JPEG (marker walk up to the frame header), its last bytes
-(end-of-image marker) and the side files. Image payloads are never read whole and nothing is
-decoded. On a local file a vectorised pass runs first and proves most shards clean at several
-times the speed; it hands anything it cannot prove to the precise pass (see below).
+ranged reads: the head of each image (its header; for JPEG a marker walk up to the frame
+header), a JPEG's last bytes (its end-of-image marker) and the side files. Image payloads are
+never read whole, except a JPEG that does not end with its marker: its markers are walked to
+tell a trailer after a complete image (``jpeg_trailing_data``) from a cut (``jpeg_truncated``).
+Nothing is decoded. On a local file a vectorised pass runs first and proves most shards clean
+at several times the speed; it hands anything it cannot prove to the precise pass (see below).
 
 Every problem has a stable code and a severity. Shard-level problems (the tar, the index,
 record IDs) are errors: a reader would return wrong or shifted data, so the shard must not
-be decoded. Record-level problems (image bytes, side files) are warnings: the decoder skips
-and reports those records alone. Severities can be overridden per code.
+be decoded. Record-level problems (image bytes, side files) are warnings. Informational ones
+(``jpeg_trailing_data``) change nothing. Severities can be overridden per code.
+
+The report records the fingerprints of the tar and the index it describes. Decode reads it
+(:func:`read_report`, :meth:`ShardReport.describes`): while the tar is unchanged, every record
+with a record-level problem (:meth:`ShardReport.problem_records`) is marked failed with the
+report's code and detail instead of being decoded; a stale report is not trusted.
+
+What a component is and means comes from :mod:`curator_assets.schema`; what image bytes are,
+and their header rules, from :mod:`curator_assets.sniff`.
 """
 
 from __future__ import annotations
@@ -26,12 +36,21 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, BinaryIO, NamedTuple
 
+from curator_assets import schema
 from curator_assets.index import (
     INDEX_VERSION,
     IndexFormatError,
     build_index_bytes,
     index_matches_members,
     parse_index,
+)
+from curator_assets.sniff import (
+    JPEG_MODES,
+    PROGRESSIVE_SOF,
+    SOF_PROCESS,
+    ImageHeader,
+    check_image,
+    not_a_tar,
 )
 from curator_assets.tar_members import (
     BLOCK,
@@ -47,7 +66,8 @@ from curator_assets.tar_members import (
 
 ERROR = "error"
 WARNING = "warning"
-SEVERITY_LEVELS = (ERROR, WARNING)
+INFO = "info"
+SEVERITY_LEVELS = (ERROR, WARNING, INFO)
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -56,7 +76,8 @@ DEFAULT_MAX_PIXELS = 100_000_000
 CODES: dict[str, tuple[str, str]] = {
     # tar structure
     "tar_truncated": (ERROR, "the tar ends mid-member or lacks its end-of-archive blocks"),
-    "tar_bad_header": (ERROR, "a header with a bad checksum or format (or not a tar at all)"),
+    "tar_bad_header": (ERROR, "a header with a bad checksum or format"),
+    "not_a_tar": (ERROR, "not a tar archive at all: a compressed archive, a Git LFS pointer, text"),
     "unsupported_member": (ERROR, "a hard link, symlink, device, fifo, sparse file or other non-regular member"),
     "no_records": (ERROR, "a readable tar without a single record"),
     "shard_unreadable": (ERROR, "the shard cannot be listed, opened or read"),
@@ -64,7 +85,9 @@ CODES: dict[str, tuple[str, str]] = {
     "duplicate_record_id": (ERROR, "the same record ID (key) twice in the shard"),
     "split_record": (ERROR, "a record's members are not adjacent, so readers see two records"),
     "bad_record_id": (ERROR, "an empty, '..', absolute, non-UTF-8 or whitespace-containing record ID"),
-    "missing_image": (WARNING, "a record without a .jpg/.jpeg member"),
+    "missing_image": (WARNING, "a record without an image member (.jpg, .jpeg, .png, .webp, ... in any case)"),
+    "ambiguous_extension": (WARNING, "two members of a record whose extensions differ only in case (.JPG and "
+                            ".jpg): lower-casing readers refuse the record"),
     "stray_member": (WARNING, "a file that belongs to no record (no extension, a hidden file) or a volume label"),
     # index
     "idx_missing": (WARNING, "the shard has no .idx"),
@@ -72,9 +95,12 @@ CODES: dict[str, tuple[str, str]] = {
     "idx_stale": (ERROR, "the .idx disagrees with the tar (count, offset, size or name), e.g. another shard's"),
     # image bytes
     "not_jpeg": (WARNING, "a .jpg/.jpeg member that is not JPEG data (wrong magic, zero bytes)"),
+    "not_image": (WARNING, "a .png/.webp/... member whose bytes are no image format decode accepts"),
     "jpeg_bad_header": (WARNING, "JPEG markers before the frame header are malformed"),
+    "image_bad_header": (WARNING, "a PNG/WebP/TIFF/BMP/JPEG 2000/PNM header that gives no image size"),
     "jpeg_truncated": (WARNING, "the JPEG has no end-of-image marker (FFD9)"),
-    "jpeg_trailing_data": (WARNING, "bytes other than zero padding after the JPEG end-of-image marker"),
+    "jpeg_trailing_data": (INFO, "bytes after a complete JPEG's end-of-image marker (a Motion Photo's video): "
+                           "the image decodes"),
     "image_too_large": (WARNING, "the image has more pixels than the limit (decompression bomb)"),
     # side files
     "bad_json": (WARNING, "a .json member that is not valid JSON"),
@@ -83,13 +109,19 @@ CODES: dict[str, tuple[str, str]] = {
 
 DEFAULT_SEVERITIES: dict[str, str] = {code: sev for code, (sev, _) in CODES.items()}
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg"})
+# Problems of one record's contents: what decode fails that record for (whatever their severity,
+# except info). The others concern the shard as a whole (its tar, index or record IDs).
+RECORD_CODES = frozenset({
+    "missing_image", "ambiguous_extension", "not_jpeg", "not_image", "jpeg_bad_header", "image_bad_header",
+    "jpeg_truncated", "jpeg_trailing_data", "image_too_large", "bad_json", "bad_text",
+})
+
+IMAGE_EXTS = frozenset(schema.IMAGE_EXTENSIONS)
 JSON_EXTS = frozenset({"json"})
-TEXT_EXTS = frozenset({"txt", "text", "caption", "cls"})
+TEXT_EXTS = frozenset(schema.TEXT_SUFFIXES)
 
 # Ranged reads: the marker walk reads segment by segment through a one-block cache, so large
 # APP segments (EXIF, ICC) before the frame header cost a read or two, never the whole image.
-_JPEG_TAIL = 64
 _WINDOW = 16384  # one read covers an image's tail, the side files and the next image's head
 
 _BAD_NAME_CHARS = re.compile(r"[\s\x00-\x1f\x7f\udc80-\udcff]")
@@ -103,7 +135,7 @@ def resolve_severities(overrides: Mapping[str, str] | None) -> dict[str, str]:
             raise ValueError(f"unknown validation code {code!r}; known: {', '.join(sorted(CODES))}")
         level = str(level).lower()
         if level not in SEVERITY_LEVELS:
-            raise ValueError(f"severity of {code!r} must be 'error' or 'warning', not {level!r}")
+            raise ValueError(f"severity of {code!r} must be 'error', 'warning' or 'info', not {level!r}")
         severities[code] = level
     return severities
 
@@ -184,6 +216,10 @@ class ShardReport:
     index: str = "missing"  # missing | fresh | stale | unreadable | not checked
     max_pixels: int = DEFAULT_MAX_PIXELS
     seconds: float = 0.0
+    # What was validated (storage fingerprints: etag/generation, or mtime and size): a reader of
+    # the report trusts it only while the tar still has this fingerprint.
+    fingerprint: str | None = None
+    index_fingerprint: str | None = None
 
     @property
     def errors(self) -> int:
@@ -194,6 +230,10 @@ class ShardReport:
         return sum(1 for p in self.problems if p.severity == WARNING)
 
     @property
+    def infos(self) -> int:
+        return sum(1 for p in self.problems if p.severity == INFO)
+
+    @property
     def ok(self) -> bool:
         """No errors: the shard may be decoded (records with warnings are skipped)."""
         return self.errors == 0
@@ -202,12 +242,18 @@ class ShardReport:
         return dict(sorted(Counter(p.code for p in self.problems).items()))
 
     def problem_records(self) -> dict[str, list[Problem]]:
-        """Record-level problems by record ID: what a decoder marks failed instead of decoding."""
+        """Record-level problems (:data:`RECORD_CODES`) by record ID: what a decoder marks failed
+        instead of decoding. Informational ones change nothing."""
         out: dict[str, list[Problem]] = {}
         for p in self.problems:
-            if p.severity == WARNING and p.record_id is not None:
+            if p.code in RECORD_CODES and p.severity != INFO and p.record_id is not None:
                 out.setdefault(p.record_id, []).append(p)
         return out
+
+    def describes(self, fingerprint: str | None) -> bool:
+        """Whether this report was made from the tar that now has ``fingerprint`` (a report
+        without a fingerprint, or of a tar changed since, is stale and not to be trusted)."""
+        return self.fingerprint is not None and fingerprint is not None and self.fingerprint == fingerprint
 
     def summary_json(self) -> dict[str, Any]:
         """The one-line shape of ``curator-assets validate --json``."""
@@ -225,10 +271,13 @@ class ShardReport:
             "bytes": self.bytes,
             "errors": self.errors,
             "warnings": self.warnings,
+            "infos": self.infos,
             "counts": self.counts(),
             "index": self.index,
             "max_pixels": self.max_pixels,
             "seconds": round(self.seconds, 6),
+            "fingerprint": self.fingerprint,
+            "index_fingerprint": self.index_fingerprint,
             "images": [i.to_json() for i in self.images],
             "record_ids": self.record_ids,
         }
@@ -245,6 +294,7 @@ class ShardReport:
                               i["process"]) for i in d.get("images", [])],
             record_ids=list(d.get("record_ids", [])), index=d.get("index", "missing"),
             max_pixels=d.get("max_pixels", DEFAULT_MAX_PIXELS), seconds=d.get("seconds", 0.0),
+            fingerprint=d.get("fingerprint"), index_fingerprint=d.get("index_fingerprint"),
         )
 
     @classmethod
@@ -318,141 +368,6 @@ class _Window:
 
 
 # ---------------------------------------------------------------------------------------------
-# JPEG headers
-
-# Start-of-frame markers -> coding process. SOF4/8/12 (C4 DHT, C8 JPG, CC DAC) are not frames.
-_SOF = {
-    0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless",
-    0xC5: "differential extended", 0xC6: "differential progressive", 0xC7: "differential lossless",
-    0xC9: "extended arithmetic", 0xCA: "progressive arithmetic", 0xCB: "lossless arithmetic",
-    0xCD: "differential extended arithmetic", 0xCE: "differential progressive arithmetic",
-    0xCF: "differential lossless arithmetic",
-}
-_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
-_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # as Pillow names them
-
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000"),
-    (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
-)
-
-
-def _sniff(head: bytes) -> str:
-    """What non-JPEG data looks like, for the problem detail."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WebP data"
-    if head[4:8] == b"ftyp":
-        return f"ISO media ({head[8:12].decode('latin-1')!r}: HEIF/AVIF/MP4) data"
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            return f"{what} data"
-    if not head.strip(b"\0"):
-        return "all zero bytes"
-    if head.lstrip()[:1] in (b"<", b"{", b"["):
-        return "text (markup or JSON)"
-    return f"unknown data starting {head[:8].hex(' ')}"
-
-
-class _JpegProblem(Exception):
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-
-
-def parse_jpeg_header(get: Callable[[int, int], bytes], size: int) -> tuple[int, int, int, int, int]:
-    """Walk the markers of a JPEG of ``size`` bytes up to its frame header.
-
-    ``get(pos, n)`` reads bytes at a position inside the image. Returns ``(width, height,
-    components, sof_marker, sof_position)``; raises :class:`_JpegProblem` (not_jpeg / jpeg_bad_header /
-    jpeg_truncated).
-    """
-    if size == 0:
-        raise _JpegProblem("not_jpeg", "zero bytes")
-    head = get(0, 16)
-    if head[:3] != b"\xff\xd8\xff":
-        if len(head) < 3:
-            raise _JpegProblem("not_jpeg", f"only {size} bytes")
-        raise _JpegProblem("not_jpeg", f"no JPEG start-of-image marker: {_sniff(head)}")
-    pos = 2
-    while True:
-        b = get(pos, 4)
-        if len(b) < 2:
-            raise _JpegProblem("jpeg_truncated", f"ends at byte {size} before the frame header")
-        if b[0] != 0xFF:
-            raise _JpegProblem("jpeg_bad_header", f"expected a marker at byte {pos}, found {b[0]:02x}")
-        marker = b[1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a segment
-            pos += 2
-            continue
-        if marker in (0xD8, 0xD9, 0xDA):
-            what = {0xD8: "a second start-of-image", 0xD9: "end-of-image", 0xDA: "start-of-scan"}[marker]
-            raise _JpegProblem("jpeg_bad_header", f"{what} marker at byte {pos} before any frame header")
-        if len(b) < 4:
-            raise _JpegProblem("jpeg_truncated", f"ends at byte {size} inside the marker at byte {pos}")
-        length = (b[2] << 8) | b[3]
-        if length < 2:
-            raise _JpegProblem("jpeg_bad_header", f"segment {marker:02x} at byte {pos} has length {length}")
-        if marker in _SOF:
-            frame = get(pos + 4, 6)
-            if len(frame) < 6:
-                raise _JpegProblem("jpeg_truncated", f"ends at byte {size} inside the frame header")
-            height = (frame[1] << 8) | frame[2]
-            width = (frame[3] << 8) | frame[4]
-            if width == 0 or height == 0:
-                raise _JpegProblem("jpeg_bad_header", f"frame header gives a {width}x{height} image")
-            return width, height, frame[5], marker, pos
-        pos += 2 + length
-        if pos >= size:
-            raise _JpegProblem("jpeg_truncated", f"ends at byte {size} before the frame header")
-
-
-def scan_start(get: Callable[[int, int], bytes], size: int, pos: int) -> int:
-    """Where the entropy-coded data begins: the segments after the frame header are walked up
-    to the start-of-scan. Inside scan data every 0xFF is followed by 0x00 or a restart marker,
-    so an FFD9 found after this point is the real end-of-image marker."""
-    for _ in range(256):
-        b = get(pos, 4)
-        if len(b) < 4 or b[0] != 0xFF:
-            return pos
-        length = (b[2] << 8) | b[3]
-        if b[1] == 0xDA:
-            return pos + 2 + length
-        if length < 2:
-            return pos
-        pos += 2 + length
-    return pos
-
-
-def jpeg_end_problem(get: Callable[[int, int], bytes], size: int, data_start: int = 2) -> _JpegProblem | None:
-    """None when the image ends with the end-of-image marker FFD9 (zero padding after it is
-    accepted, as encoders and copy tools add it); else the problem. ``data_start`` is where
-    scan data begins: an FFD9 before it (in an EXIF thumbnail, say) does not count."""
-    end = size
-    while end > 0:
-        n = min(_JPEG_TAIL, end)
-        tail = get(end - n, n).rstrip(b"\0")
-        if tail:
-            end = end - n + len(tail)
-            break
-        end -= n
-    if end >= 2 and get(end - 2, 2) == b"\xff\xd9":
-        return None
-    # Bytes after an end-of-image marker (camera trailers, appended data) are not a truncation.
-    n = min(4096, size - data_start)
-    if n >= 2:
-        at = get(size - n, n).rfind(b"\xff\xd9")
-        if at >= 0:
-            return _JpegProblem("jpeg_trailing_data", f"{n - at - 2} bytes after the end-of-image marker")
-    return _JpegProblem("jpeg_truncated", "no end-of-image marker (FFD9): the image data is cut off")
-
-
-# ---------------------------------------------------------------------------------------------
 # The validation
 
 
@@ -463,17 +378,6 @@ class _Collector:
 
     def add(self, code: str, detail: str, record_id: str | None = None, member: str | None = None) -> None:
         self.problems.append(Problem(code, self.severities[code], record_id, member, detail))
-
-
-def _ext_kind(ext: str) -> str:
-    last = ext.rsplit(".", 1)[-1].lower()
-    if last in IMAGE_EXTS:
-        return "image"
-    if last in JSON_EXTS:
-        return "json"
-    if last in TEXT_EXTS:
-        return "text"
-    return ""
 
 
 def _record_id_problem(key: str) -> str | None:
@@ -557,6 +461,10 @@ def validate_file(
             member = members.pop().name  # its data is cut off: not readable, not counted
         code = problem.code if problem.code in CODES else "tar_bad_header"
         detail = f"{problem.detail} (at byte {problem.offset})"
+        if problem.offset == 0 and not members and not out.problems:
+            why = not_a_tar(read_at(0, BLOCK))
+            if why is not None:
+                code, detail = "not_a_tar", why
         out.add(code, detail, split_key(member)[0] if member else None, member)
     tar_damaged = bool(out.problems)
     report.members = len(members)
@@ -595,37 +503,39 @@ def validate_file(
         report.index = _check_index(index_bytes, records, out)
 
     # 5. Image headers and side files, by ranged reads.
-    window = _Window(read_at)
-    images: list[ImageInfo] = []
-    for record in records:
-        has_image = False
-        for ext, m in record.components:
-            kind = _ext_kind(ext)
-            if not kind:
-                continue
-            if kind == "image":
-                has_image = has_image or ext.lower() in IMAGE_EXTS
-                info = _check_image(window, record.key, m, max_pixels, out)
-                if info is not None:
-                    images.append(info)
-            else:
-                _check_side(kind, window.get(m.offset, m.size), record.key, m.name, out)
-        if not has_image:
-            out.add("missing_image", f"no .jpg/.jpeg member (has: {', '.join(record.extensions)})", record.key,
-                    record.components[0][1].name)
-
-    report.images = images
+    report.images = _check_contents(_Window(read_at), records, max_pixels, out)
     report.problems = out.problems
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _check_contents(window: _Window, records: list[Record], max_pixels: int, out: _Collector) -> list[ImageInfo]:
+    """Each component's bytes by the schema's content rules; the facts of every readable image."""
+    images: list[ImageInfo] = []
+    for record in records:
+        has_image = False
+        for ext, m in record.components:
+            kind = schema.content_kind(ext)
+            if kind is None:
+                continue
+            if kind == "image":
+                has_image = has_image or schema.role(ext) == schema.IMAGE
+                info = _check_image(window, record.key, m, max_pixels, out, jpeg=schema.is_jpeg_extension(ext))
+                if info is not None:
+                    images.append(info)
+            else:
+                _check_side(kind, window.get(m.offset, m.size), record.key, m.name, out)
+        if not has_image:
+            out.add("missing_image", f"no image member (has: {', '.join(record.extensions)})", record.key,
+                    record.components[0][1].name)
+    return images
+
+
 def _check_side(kind: str, data: bytes, record_id: str, member: str, out: _Collector) -> None:
     if kind == "json":
-        try:
-            json.loads(data)
-        except ValueError as exc:
-            out.add("bad_json", f"invalid JSON: {exc}", record_id, member)
+        _, why = schema.parse_metadata(data)
+        if why is not None:
+            out.add("bad_json", why, record_id, member)
     else:
         try:
             data.decode("utf-8")
@@ -648,8 +558,12 @@ def _check_record_ids(records: list[Record], out: _Collector) -> None:
                     break
         if why is not None:
             out.add("bad_record_id", why, record.key, record.components[0][1].name)
-        # The same member name twice inside one record: a file appended to the tar again.
         exts = record.extensions
+        for group in schema.ambiguous_extensions(exts):
+            shown = " and ".join(f".{e}" for e in group)
+            out.add("ambiguous_extension", f"{shown} differ only in case: lower-casing readers (webdataset) refuse "
+                    "the record, case-sensitive ones see both", record.key, f"{record.key}.{group[0]}")
+        # The same member name twice inside one record: a file appended to the tar again.
         if len(set(exts)) != len(exts):
             dup = sorted({e for e in exts if exts.count(e) > 1})
             out.add("duplicate_record_id", f"member(s) {', '.join(dup)} appear twice in a row", record.key,
@@ -692,7 +606,9 @@ def _check_index(index_bytes: bytes, records: list[Record], out: _Collector) -> 
     return "fresh"
 
 
-def _check_image(window: _Window, record_id: str, m: Member, max_pixels: int, out: _Collector) -> ImageInfo | None:
+def _check_image(window: _Window, record_id: str, m: Member, max_pixels: int, out: _Collector, *,
+                 jpeg: bool = True) -> ImageInfo | None:
+    """The image rules of :func:`curator_assets.sniff.check_image` on one member (ranged reads)."""
     base = m.offset
     size = m.size
 
@@ -700,19 +616,16 @@ def _check_image(window: _Window, record_id: str, m: Member, max_pixels: int, ou
         n = min(n, size - pos)
         return window.get(base + pos, n) if n > 0 else b""
 
-    try:
-        width, height, components, marker, sof_at = parse_jpeg_header(get, size)
-    except _JpegProblem as exc:
-        out.add(exc.code, exc.detail, record_id, m.name)
+    found = check_image(get, size, max_pixels=max_pixels, jpeg_expected=jpeg)
+    for code, detail in found.problems:
+        out.add(code, detail, record_id, m.name)
+    return _image_info(record_id, m.name, found.header)
+
+
+def _image_info(record_id: str, member: str, header: ImageHeader | None) -> ImageInfo | None:
+    if header is None:
         return None
-    if width * height > max_pixels:
-        out.add("image_too_large", f"{width}x{height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,}", record_id, m.name)
-    end = jpeg_end_problem(get, size, scan_start(get, size, sof_at))
-    if end is not None:
-        out.add(end.code, end.detail, record_id, m.name)
-    mode = _MODES.get(components, f"{components} components")
-    return ImageInfo(record_id, m.name, width, height, mode, marker in _PROGRESSIVE, _SOF[marker])
+    return ImageInfo(record_id, member, header.width, header.height, header.mode, header.progressive, header.process)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,7 +646,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 
 # Markers that carry a length and may come before the frame header (everything else, or any
 # surprise, is left to the precise parser).
-_SEGMENT_MARKERS = frozenset(range(0xC0, 0xFF)) - frozenset(_SOF) - frozenset(range(0xD0, 0xDB))
+_SEGMENT_MARKERS = frozenset(range(0xC0, 0xFF)) - frozenset(SOF_PROCESS) - frozenset(range(0xD0, 0xDB))
 
 
 def _pack(word: str) -> int:
@@ -741,6 +654,7 @@ def _pack(word: str) -> int:
 
 
 _IMAGE_WORDS = [_pack(w) for w in IMAGE_EXTS]
+_JPEG_WORDS = [_pack(w) for w in schema.JPEG_EXTENSIONS]
 _JSON_WORDS = [_pack(w) for w in JSON_EXTS]
 _TEXT_WORDS = [_pack(w) for w in TEXT_EXTS]
 
@@ -844,9 +758,15 @@ def _fast_validate(
     key_list = keys[starts].tolist()
     if len(set(key_list)) != len(key_list) or len(set(name_list)) != len(name_list):
         return None  # duplicate or split records
+    in_ext = f_in & (col > first_dot[:, None])
+    upper = (fnames >= 65) & (fnames <= 90) & in_ext
+    if upper.any():  # extensions differing only in case (ambiguous_extension) are the precise pass's
+        lowered = (fnames * f_in + upper * np.uint8(32)).view(f"S{width}").ravel().tolist()
+        if len(set(lowered)) != len(lowered):
+            return None
     n_records = len(key_list)
 
-    # Kinds, by the last suffix, lower-cased; a record needs a .jpg/.jpeg as its full extension.
+    # Kinds, by the last suffix, lower-cased; a record needs an image extension as its full extension.
     take = np.minimum(last_dot[:, None] + 1 + np.arange(8), width - 1)
     suffix = np.take_along_axis(fnames, take, 1)
     suffix = np.where(take < f_len[:, None], suffix, 0)
@@ -854,6 +774,7 @@ def _fast_validate(
     words = np.ascontiguousarray(suffix).view(np.uint64).ravel()
     short = (f_len - last_dot - 1) <= 8
     is_image = np.isin(words, _IMAGE_WORDS) & short
+    is_jpeg = np.isin(words, _JPEG_WORDS) & short
     is_json = np.isin(words, _JSON_WORDS) & short
     is_text = np.isin(words, _TEXT_WORDS) & short
     has_image = np.zeros(n_records, bool)
@@ -895,7 +816,7 @@ def _fast_validate(
     comps = np.zeros(n_img, np.int64)
     sof = np.zeros(n_img, np.int64)
     is_sof_marker = np.zeros(256, bool)
-    is_sof_marker[list(_SOF)] = True
+    is_sof_marker[list(SOF_PROCESS)] = True
     is_segment = np.zeros(256, bool)
     is_segment[list(_SEGMENT_MARKERS)] = True
     for _ in range(32):
@@ -953,19 +874,19 @@ def _fast_validate(
                         int(size_arr[files[i]]), "0")
         rid = record_ids[record_of[i]]
         if kind == "image":
-            images[i] = _check_image(window, rid, member, max_pixels, out)
+            images[i] = _check_image(window, rid, member, max_pixels, out, jpeg=bool(is_jpeg[i]))
         else:
             _check_side(kind, window.get(member.offset, member.size), rid, member.name, out)
 
     # Image facts, built column-wise: one C-level constructor call per image.
-    modes = {c: _MODES.get(c, f"{c} components") for c in set(comps.tolist())}
+    modes = {c: JPEG_MODES.get(c, f"{c} components") for c in set(comps.tolist())}
     names_of = np.array(name_list, dtype=object)[img] if n_img else []
     ids_of = np.array(record_ids, dtype=object)[record_of[img]] if n_img else []
     sof_list = sof.tolist()
     report.images = ImageColumns(
         ids_of.tolist() if n_img else [], list(map(bytes.decode, names_of)), width.tolist(), height.tolist(),
-        [modes[c] for c in comps.tolist()], [m in _PROGRESSIVE for m in sof_list],
-        [_SOF.get(m, "") for m in sof_list],
+        [modes[c] for c in comps.tolist()], [m in PROGRESSIVE_SOF for m in sof_list],
+        [SOF_PROCESS.get(m, "") for m in sof_list],
     )
     if images:  # the precisely checked ones: their facts, or none when the header is unreadable
         where = {i: n for n, i in enumerate(img.tolist())}
@@ -1184,8 +1105,11 @@ def validate_shard(
     Raises :class:`~curator_assets.storage.StorageError` only when the shard cannot be opened;
     everything wrong inside it is a problem in the report.
     """
+    from curator_assets.storage import fingerprint_of
+
     start = time.perf_counter()
     info = dataset.shard(key)
+    index_info = dataset.index_info(key)
     index_bytes = dataset.read_index_bytes(key)
     # Remote stores: large blocks so the header walk costs few requests.
     with dataset.open_shard(key, block_size=None if dataset.local else 8 << 20) as f:
@@ -1193,6 +1117,9 @@ def validate_shard(
             f, shard=info.url, key=key, index_bytes=index_bytes, expect_index=True, max_pixels=max_pixels,
             severities=severities, total_size=info.size,
         )
+    report.fingerprint = info.fingerprint
+    if index_info is not None and index_bytes is not None:
+        report.index_fingerprint = fingerprint_of(index_info)
     report.seconds = time.perf_counter() - start
     return report
 

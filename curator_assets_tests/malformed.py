@@ -304,7 +304,7 @@ def bad_magic(root, photos):
 def garbage(root, photos):
     path = _target(root, "garbage")
     path.write_bytes(random.Random(3).randbytes(20_000))
-    return Case("garbage", path, Counter(tar_bad_header=1), 0)
+    return Case("garbage", path, Counter(not_a_tar=1), 0)
 
 
 @case()
@@ -313,7 +313,7 @@ def zip_named_tar(root, photos):
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in shard_members(photos, 2):
             zf.writestr(name, data)
-    return Case("zip_named_tar", path, Counter(tar_bad_header=1), 0)
+    return Case("zip_named_tar", path, Counter(not_a_tar=1), 0)
 
 
 @case()
