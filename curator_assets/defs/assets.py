@@ -235,6 +235,7 @@ class DecodedImagesConfig(dg.Config):
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD  # share of JPEGs for the hardware decoder (A100/H100)
     fast_idct: bool = False  # libjpeg-turbo's fast IDCT on the CPU path: faster, pixels off by a few levels
     reader: str = "auto"  # auto | stream | dali (DALI's own webdataset reader; local shards)
+    max_pixels: int = 100_000_000  # an image whose header declares more is failed (image_too_large), never decoded
 
 
 def _blocked(context: dg.AssetExecutionContext, key: str) -> str | None:
@@ -302,7 +303,7 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
         options = DecodeOptions(
             device=config.device, batch_size=config.batch_size or None, num_threads=config.num_threads or None,
             hw_decoder_load=config.hw_decoder_load, fast_idct=config.fast_idct, reader=config.reader,
-            pipelines=config.pipelines,
+            pipelines=config.pipelines, max_pixels=config.max_pixels,
         )
     except ValueError as exc:
         raise dg.Failure(description=f"decoded_images config: {exc}", allow_retries=False) from exc
