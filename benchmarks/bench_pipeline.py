@@ -47,6 +47,17 @@ def cli_pass(folder: Path) -> float:
     return time.perf_counter() - start
 
 
+def run_pass(folder: Path) -> float:
+    """``curator-assets run DIR``: the embedded default (in-process Dagster, throw-away instance)."""
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    start = time.perf_counter()
+    proc = subprocess.run([bin_of("curator-assets"), "run", str(folder), "--json"], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
 def _done(instance, keys: set[str]) -> bool:
     import dagster as dg
 
@@ -160,16 +171,19 @@ def main() -> None:
     keys = {p.stem for p in source.glob("*.tar")}
     images = args.shards * args.records
     with tempfile.TemporaryDirectory() as tmp:
-        cli_dir, dg_dir = Path(tmp) / "cli", Path(tmp) / "dagster"
-        for d in (cli_dir, dg_dir):
+        cli_dir, run_dir, dg_dir = Path(tmp) / "cli", Path(tmp) / "run", Path(tmp) / "dagster"
+        for d in (cli_dir, run_dir, dg_dir):
             shutil.copytree(source, d, ignore=shutil.ignore_patterns(".complete"))
         cli_wall = cli_pass(cli_dir)
+        run_wall = run_pass(run_dir)
         dg = dagster_pass(dg_dir, Path(tmp) / "home", keys, args.timeout)
-        same = same_manifests(cli_dir, dg_dir, keys)
+        same = same_manifests(cli_dir, dg_dir, keys) and same_manifests(cli_dir, run_dir, keys)
     print(f"machine: {machine()}")
     print(f"dataset: {args.shards} shards x {args.records} photos ({images} images)")
     print(f"{'path':<44}{'wall s':>9}{'images/s':>10}{'ratio':>8}")
     print(f"{'cli: index + validate + decode':<44}{cli_wall:>9.2f}{images / cli_wall:>10.0f}{1.0:>8.2f}")
+    print(f"{'run: curator-assets run (embedded)':<44}{run_wall:>9.2f}{images / run_wall:>10.0f}"
+          f"{cli_wall / run_wall:>8.2f}")
     label = f"dagster: sensor + daemon ({dg['runs']} runs)"
     print(f"{label:<44}{dg['wall']:>9.2f}{images / dg['wall']:>10.0f}{cli_wall / dg['wall']:>8.2f}")
     print(f"{'  from the daemon start':<44}{dg['from_daemon_start']:>9.2f}{images / dg['from_daemon_start']:>10.0f}"
