@@ -304,7 +304,8 @@ def _print_decoded(result) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from curator_assets.runner import run_pipeline
 
-    return run_pipeline(args.path, index_url=args.index_dir, output_url=args.output, as_json=args.json)
+    return run_pipeline(args.path, index_url=args.index_dir, output_url=args.output, as_json=args.json,
+                        storage_options=dict(args.storage_options or []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,10 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run the whole pipeline through Dagster, in-process")
-    p.add_argument("path", metavar="PATH_OR_URL")
-    p.add_argument("--index-dir", metavar="URL")
-    p.add_argument("--output", metavar="URL", help="where reports and manifests go")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", metavar="PATH_OR_URL", help="dataset folder (or one .tar), local or a URL")
+    p.add_argument("--index-dir", metavar="URL", help="write indexes here instead of beside the tars")
+    p.add_argument("--output", metavar="URL",
+                   help="where reports and manifests go (default: <index or dataset>/_curator)")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable; "
+                   "pass secrets through the environment instead)")
+    p.add_argument("--json", action="store_true", help="one JSON object per shard, then one for the dataset")
     p.set_defaults(func=cmd_run)
 
     return parser

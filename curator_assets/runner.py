@@ -56,6 +56,7 @@ def run_pipeline(
     output_url: str | None = None,
     as_json: bool = False,
     out=None,
+    storage_options: dict[str, Any] | None = None,
 ) -> int:
     import dagster as dg
 
@@ -65,10 +66,9 @@ def run_pipeline(
     from curator_assets.storage import StorageError
 
     out = out or sys.stdout
-    storage = storage_from_env(dataset_url=path)
-    updates = {k: v for k, v in {"index_url": index_url, "output_url": output_url}.items() if v}
-    if updates:
-        storage = storage.model_copy(update=updates)
+    # Built with the overrides, never copied: a copied resource keeps the environment's values.
+    storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
+                               extra_options=storage_options)
     try:
         listing = storage.dataset().list_shards()
     except StorageError as exc:
@@ -117,7 +117,15 @@ def run_pipeline(
             + (f" ({', '.join(failed)})" if failed else ""),
             file=out,
         )
+        print(_where(storage.dataset()), file=out)
     return 1 if failed or listing.rejected or not dataset_line else 0
+
+
+def _where(dataset) -> str:
+    """Where the outputs went: indexes, then reports and manifests."""
+    indexes = dataset.url_of(dataset.index_root, dataset.index_fs) if dataset.index_root else "beside the tars"
+    output = dataset.url_of(dataset.output_root, dataset.output_fs)
+    return f"indexes: {indexes}; reports: {output}/validation; manifests: {output}/manifests"
 
 
 def _outcomes(events, chunk: list[str], seconds: float) -> list[ShardOutcome]:

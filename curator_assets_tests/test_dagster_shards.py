@@ -218,3 +218,22 @@ def test_batch_size_and_contiguous_ranges() -> None:
     order = ["a", "b", "c", "d", "e", "f"]
     assert contiguous_ranges(["e", "a", "b", "d", "zz"], order, 2) == [["a", "b"], ["d", "e"]]
     assert contiguous_ranges(["a", "c", "e"], order, 5) == [["a"], ["c"], ["e"]]
+
+
+def test_run_command_honours_output_and_index_dir(tmp_path: Path, make_shard) -> None:
+    """`run --output/--index-dir`: indexes, reports and manifests go there, never into the dataset."""
+    import subprocess
+    import sys
+
+    make_shard("00000.tar", n=2)
+    make_shard("00001.tar", n=3)
+    out, idx = tmp_path / "out", tmp_path / "idx"
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    proc = subprocess.run([sys.executable, "-m", "curator_assets.cli", "run", str(tmp_path / "dataset"),
+                           "--output", str(out), "--index-dir", str(idx)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == ["00000.tar", "00001.tar"]
+    assert sorted(p.name for p in idx.iterdir()) == ["00000.idx", "00001.idx"]
+    assert sorted(p.name for p in (out / "manifests").iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["00000.json", "00001.json"]
+    assert f"manifests: {out}/manifests" in proc.stdout

@@ -71,15 +71,20 @@ def _put(opts: dict[str, Any], **values: Any) -> None:
             opts[k] = v
 
 
-def storage_from_env(dataset_url: str | None = None) -> ShardStorage:
+def storage_from_env(dataset_url: str | None = None, *, index_url: str | None = None,
+                     output_url: str | None = None, extra_options: dict[str, Any] | None = None) -> ShardStorage:
     """The resource as configured by the environment: CURATOR_DATASET_URL, CURATOR_INDEX_URL,
-    CURATOR_OUTPUT_URL, CURATOR_ENDPOINT_URL, and the credential variables in SECRET_ENV."""
+    CURATOR_OUTPUT_URL, CURATOR_ENDPOINT_URL, and the credential variables in SECRET_ENV; the
+    arguments, when given, win over the environment."""
     secrets = {field: dg.EnvVar(env) for field, env in SECRET_ENV.items() if os.environ.get(env)}
+    options = dict(extra_options or {})
+    endpoint = options.pop("endpoint_url", None) or os.environ.get("CURATOR_ENDPOINT_URL") or None
     return ShardStorage(
         dataset_url=dataset_url or os.environ.get("CURATOR_DATASET_URL", "demo_data"),
-        index_url=os.environ.get("CURATOR_INDEX_URL") or None,
-        output_url=os.environ.get("CURATOR_OUTPUT_URL") or None,
-        endpoint_url=os.environ.get("CURATOR_ENDPOINT_URL") or None,
+        index_url=index_url or os.environ.get("CURATOR_INDEX_URL") or None,
+        output_url=output_url or os.environ.get("CURATOR_OUTPUT_URL") or None,
+        endpoint_url=endpoint,
         azure_account_name=os.environ.get("AZURE_STORAGE_ACCOUNT") or None,
+        extra_options=options,
         **secrets,
     )
