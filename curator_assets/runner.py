@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ def run_pipeline(
     defs = build_definitions(storage)
     job = defs.resolve_job_def("shard_pipeline")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    _recover_dead_runs(instance, out)
     keys = [s.key for s in listing.shards]
     existing = list(instance.get_dynamic_partitions(shards.name))
     missing = [k for k in keys if k not in set(existing)]
@@ -101,7 +103,8 @@ def run_pipeline(
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            **{**where, "tags": {"curator/reason": "curator-assets run", **where.get("tags", {})}},
+            **{**where, "tags": {"curator/reason": "curator-assets run", PID_TAG: _owner(),
+                                 **where.get("tags", {})}},
         )
         seconds = (time.perf_counter() - start) / len(chunk)
         events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event]
@@ -119,6 +122,43 @@ def run_pipeline(
         )
         print(_where(storage.dataset()), file=out)
     return 1 if failed or listing.rejected or not dataset_line else 0
+
+
+PID_TAG = "curator/owner"  # host:pid of the `run` process executing a run in-process
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_dead_runs(instance, out) -> None:
+    """Runs of an earlier `run` that was killed (SIGKILL, the OOM killer) stay STARTED forever and
+    keep their `gpu` pool slot, so every later decode would wait for it: mark them failed and free
+    what they hold. Only runs whose process is gone from this host are touched."""
+    import dagster as dg
+
+    live = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
+                                                            dg.DagsterRunStatus.STARTING]))
+    for run in live:
+        owner = run.tags.get(PID_TAG)
+        if owner and not _alive(owner):
+            instance.report_run_failed(run, f"the process running it ({owner}) is gone")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            print(f"curator-assets: run {run.run_id[:8]} of a killed process marked failed, its slots freed",
+                  file=sys.stderr)
 
 
 def _where(dataset) -> str:
