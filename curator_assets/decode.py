@@ -55,14 +55,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from curator_assets.index import IndexComponent, IndexFormatError, parse_index
+from curator_assets.index import IndexComponent, IndexFormatError, format_lines, index_differences, parse_index
 from curator_assets.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
 from curator_assets.tar_members import (
     REGULAR_TYPES,
-    _check_header,
-    _nts,
-    _number,
+    Member,
+    check_header,
     group_records,
+    header_name,
+    header_size,
+    member_at,
+    parse_number,
     scan_tar,
 )
 
@@ -307,6 +310,12 @@ class ShardPlan:
     verify_headers: bool  # check each member's tar header (the plan came from an index)
     bytes_read: int = 0  # what planning read (index bytes, or tar headers)
     problems: list[str] = field(default_factory=list)  # shard-level notes (a damaged tar, ...)
+    # Data offset -> first header offset, for members whose name or size is in a PAX or GNU
+    # long-name header before their own (their ustar name field is not their name).
+    header_at: dict[int, int] = field(default_factory=dict)
+
+    def first_header(self, comp: Component) -> int:
+        return self.header_at.get(comp.offset, comp.offset - 512)
 
 
 _ROLES = {
@@ -329,57 +338,54 @@ def _planned(position: int, record_id: str, comps: tuple[Component, ...]) -> Pla
 
 
 def plan_shard(dataset, key: str) -> ShardPlan:
-    """The records of shard ``key``: from its ``.idx`` when it has a v1.2 one, else a header scan."""
+    """The records of shard ``key``, from a scan of every header (never the data), checked
+    against the shard's ``.idx`` when it has one.
+
+    An index that does not describe the tar exactly (a record missing, duplicated, moved or
+    added; another shard's index) raises :class:`StaleIndexError`: decoding from it would put
+    one member's bytes under another record's ID. A damaged tar is planned from the
+    recovering scan (its problems listed), so every record it can find is decoded.
+    """
     shard = dataset.shard(key)
     try:
         raw = dataset.read_index_bytes(key)
     except OSError as exc:
         raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
-    problems: list[str] = []
+    with dataset.open_shard(key) as f:
+        scan = scan_tar(f, recover=True, total_size=shard.size)
+    problems = [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
+    records = group_records(scan.members)
+    header_at = {m.offset: m.header_offset for m in scan.members if m.header_offset != m.offset - 512}
+    bytes_read = 512 * len(scan.members) + len(raw or b"")
+    source = "scan"
     if raw:
         idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
         try:
             index = parse_index(raw, idx_url)
         except IndexFormatError as exc:
             raise DecodeError(f"{shard.url}: unreadable index: {exc}") from exc
-        if index.has_names:
-            records = [_planned(n, rec.key or "", rec.components) for n, rec in enumerate(index.records)]
-            plan = ShardPlan(key, shard.url, shard.size, records, "index", True, len(raw), problems)
-            plan.bytes_read += _check_tail(dataset, plan)
-            return plan
-        problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
-    with dataset.open_shard(key) as f:
-        scan = scan_tar(f, recover=True, total_size=shard.size)
-    problems += [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
-    records = [
+        if scan.problems:
+            problems.append(f"{idx_url} not used: the tar is damaged, its records come from a recovering header scan")
+        else:
+            _refuse_stale(shard.url, index, records)
+            if index.has_names:
+                source = "index"
+            else:
+                problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
+    planned = [
         _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
-        for n, rec in enumerate(group_records(scan.members))
+        for n, rec in enumerate(records)
     ]
-    return ShardPlan(key, shard.url, shard.size, records, "scan", False, 512 * len(scan.members), problems)
+    return ShardPlan(key, shard.url, shard.size, planned, source, source == "index", bytes_read, problems, header_at)
 
 
-def _check_tail(dataset, plan: ShardPlan) -> int:
-    """Raise :class:`StaleIndexError` when the tar has records after the last one the index lists
-    (a shard appended to after indexing): the end-of-archive blocks should follow it. Only when
-    something else follows are the headers after it scanned. Returns the bytes read."""
-    end = max((c.offset + -(-c.size // 512) * 512 for r in plan.records[-1:] for c in r.components), default=0)
-    if end >= plan.shard_size:
-        return 0
-    path = dataset.shard_path(plan.key)
-    block = dataset.fs.cat_file(path, start=end, end=min(end + 512, plan.shard_size))
-    if block.count(0) == len(block):
-        return len(block)
-    with dataset.open_shard(plan.key) as f:
-        f.seek(end)
-        tail = scan_tar(f, total_size=plan.shard_size - end)
-    extra = group_records(tail.members)
-    if extra:
-        first = tail.members[0].name if tail.members else "?"
+def _refuse_stale(shard_url: str, index, records) -> None:
+    diffs = index_differences(index, records, limit=3)
+    if diffs:
         raise StaleIndexError(
-            f"{plan.shard_url}: its .idx does not match the tar: {len(extra)} record(s) follow the last one it "
-            f"lists (from {first!r} at byte {end}); rebuild the index (curator-assets index --force)"
+            f"{shard_url}: its .idx does not match the tar: {'; '.join(diffs)}; "
+            "rebuild the index (curator-assets index --force)"
         )
-    return len(block) + 512 * len(tail.members)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,40 +408,42 @@ class EncodedBatch:
     bytes_read: int
 
 
-def _header_problem(header: bytes, comp: Component) -> str | None:
-    """Why the 512 bytes before a member's data are not that member's header (None: they are)."""
-    if len(header) < 512 or _check_header(header) is not None:
+def _header_problem(headers: bytes, comp: Component, start: int) -> str | None:
+    """Why the headers read from ``start`` up to a member's data are not that member's (None:
+    they are). ``headers`` holds the member's own header last, any PAX or GNU long-name headers
+    before it: the name compared is the real one, never the ustar field alone."""
+    header = headers[-512:]
+    if len(headers) < 512 or check_header(header) is not None:
         return "no tar header there"
     if chr(header[156]) not in REGULAR_TYPES:
         return f"a member of type {chr(header[156])!r} is there"
-    try:
-        size = _number(header[124:136])
-    except ValueError:
+    if len(headers) == 512:
+        name, size = header_name(header), header_size(header)
+    else:
+        found = member_at(headers, start)
+        if not isinstance(found, Member):
+            return f"an unreadable header is there ({found.detail})"
+        if found.offset != comp.offset:
+            return f"member {found.name!r} starts at byte {found.offset}"
+        name, size = found.name, found.size
+    if size is None:
         return "an unreadable header is there"
-    name = _nts(header[0:100])
-    if header[257:263] == b"ustar\x00":
-        prefix = _nts(header[345:500])
-        if prefix:
-            name = prefix + b"/" + name
-    expected = comp.name.encode("utf-8", "surrogateescape")
-    # Long names live in an extension header before this one; only short names can be compared.
-    if size != comp.size or (len(expected) < 100 and name != expected):
-        return f"member {name.decode('utf-8', 'replace')!r} ({size} bytes) is there"
+    if size != comp.size or name != comp.name:
+        return f"member {name!r} ({size} bytes) is there"
     return None
 
 
 def _header_agrees(header: memoryview, comp: Component) -> bool:
-    """Fast path of :func:`_header_problem`: the name and size fields say this member."""
+    """Fast path of :func:`_header_problem` for a member without extension headers whose name
+    fits the ustar name field: the name and size fields say this member."""
     expected = comp.name.encode("utf-8", "surrogateescape")
     n = len(expected)
-    if n < 100 and (header[:n] != expected or header[n] != 0):
+    if n >= 100 or header[:n] != expected or header[n] != 0:
         return False
-    field = bytes(header[124:136])
     try:
-        size = int(field.strip(b" \0") or b"0", 8)
+        return parse_number(bytes(header[124:136])) == comp.size
     except ValueError:
-        size = _number(field)  # GNU base-256 for members over 8 GiB
-    return size == comp.size
+        return False
 
 
 def _stale_message(plan: ShardPlan, comp: Component, why: str) -> str:
@@ -479,10 +487,11 @@ class ShardReader:
         that take the index on trust)."""
         comps = [c for r in self.plan.records for c in r.needed]
         for c in [comps[i] for i in sorted({0, len(comps) // 2, len(comps) - 1}) if comps]:
-            if c.offset < 512 or c.offset + c.size > self.plan.shard_size:
+            start = self.plan.first_header(c)
+            if start < 0 or c.offset + c.size > self.plan.shard_size:
                 why = "the tar ends before it"
             else:
-                why = _header_problem(self._read(c.offset - 512, c.offset), c)
+                why = _header_problem(self._read(start, c.offset), c, start)
             if why is not None:
                 raise StaleIndexError(_stale_message(self.plan, c, why))
 
@@ -494,7 +503,8 @@ class ShardReader:
     def read_batch(self, records: Sequence[PlannedRecord]) -> EncodedBatch:
         size = self.plan.shard_size
         # Each needed member with its header block: [offset - 512, offset + size).
-        spans = sorted((c.offset - 512, c.offset + c.size) for r in records for c in r.needed)
+        first = self.plan.first_header
+        spans = sorted((first(c), c.offset + c.size) for r in records for c in r.needed)
         runs: list[list[int]] = []  # [start, end] of merged runs
         for s, e in spans:
             s, e = max(s, 0), min(e, size)
@@ -534,10 +544,12 @@ class ShardReader:
             row.member, row.offset, row.size = img.name, img.offset, img.size
         if self.plan.verify_headers:
             for comp in rec.needed:
-                header = view(comp.offset - 512, comp.offset) if comp.offset >= 512 else None
-                if header is not None and not _header_agrees(header, comp):
-                    why = _header_problem(bytes(header), comp) or "its header disagrees"
-                    raise StaleIndexError(_stale_message(self.plan, comp, why))
+                start = self.plan.first_header(comp)
+                header = view(start, comp.offset) if start >= 0 else None
+                if header is not None and not (start == comp.offset - 512 and _header_agrees(header, comp)):
+                    why = _header_problem(bytes(header), comp, start)
+                    if why is not None:
+                        raise StaleIndexError(_stale_message(self.plan, comp, why))
         if rec.caption is not None:
             data = view(rec.caption.offset, rec.caption.offset + rec.caption.size)
             if data is not None:
@@ -914,15 +926,13 @@ class ShardDecoder:
 def _write_native_index(path: str, records: Sequence[PlannedRecord]) -> None:
     """An index for DALI's reader: per record the image as ``img``, the caption as ``txt``, the
     JSON as ``json``. Fixed names make ``.jpeg``/``.JPG``/``.png`` all match one output."""
-    lines = []
-    for r in records:
-        parts = []
-        for ext, comp in (("img", r.image), ("txt", r.caption), ("json", r.metadata)):
-            if comp is not None:
-                parts.append(f"{ext} {comp.offset} {comp.size} {ext}")
-        lines.append(" ".join(parts))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    lines = (
+        [(ext, comp.offset, comp.size, ext) for ext, comp in (("img", r.image), ("txt", r.caption),
+                                                              ("json", r.metadata)) if comp is not None]
+        for r in records
+    )
+    with open(path, "wb") as f:
+        f.write(format_lines(lines))
 
 
 class _NativeRun:

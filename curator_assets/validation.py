@@ -27,10 +27,11 @@ from itertools import repeat
 from typing import Any, BinaryIO, NamedTuple
 
 from curator_assets.index import (
-    INDEX_VERSION,
     IndexFormatError,
     build_index_bytes,
-    index_matches_members,
+    header_line,
+    index_differences,
+    index_tokens,
     parse_index,
 )
 from curator_assets.tar_members import (
@@ -57,6 +58,8 @@ CODES: dict[str, tuple[str, str]] = {
     # tar structure
     "tar_truncated": (ERROR, "the tar ends mid-member or lacks its end-of-archive blocks"),
     "tar_bad_header": (ERROR, "a header with a bad checksum or format (or not a tar at all)"),
+    "tar_hole": (ERROR, "zero blocks (or bytes that are no header) at a member boundary with members after them: "
+                 "readers stop there; the records after it are still listed"),
     "unsupported_member": (ERROR, "a hard link, symlink, device, fifo, sparse file or other non-regular member"),
     "no_records": (ERROR, "a readable tar without a single record"),
     "shard_unreadable": (ERROR, "the shard cannot be listed, opened or read"),
@@ -684,7 +687,7 @@ def _check_index(index_bytes: bytes, records: list[Record], out: _Collector) -> 
     except IndexFormatError as exc:
         out.add("idx_unreadable", str(exc))
         return "unreadable"
-    diffs = index_matches_members(index, records)
+    diffs = index_differences(index, records)
     if diffs:
         shown = "; ".join(diffs[:3]) + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else "")
         out.add("idx_stale", f"the .idx does not describe this tar: {shown}")
@@ -787,6 +790,12 @@ def _fast_validate(
         return None
     if (size_arr[is_dir] != 0).any():  # readers skip no data for a directory, whatever its size says
         return None
+    # mode, uid, gid and mtime: plain octal (anything else is the precise pass's to judge).
+    numeric = np.concatenate([hdr[:, 100:124], hdr[:, 136:148]], 1)
+    if not (((numeric >= 48) & (numeric <= 55)) | (numeric == 0) | (numeric == 32)).all():
+        return None
+    if not _zero_tail(fd, int(header_at[-1]) + 2 * BLOCK, total_size):
+        return None  # members after the end blocks (a hole), or bytes there: the precise pass says which
     digits = hdr[:, 124:135]
     if not ((digits >= 48) & (digits <= 55)).all():
         return None
@@ -977,6 +986,17 @@ def _fast_validate(
     return report
 
 
+def _zero_tail(fd: int, start: int, total_size: int) -> bool:
+    """Whether everything from ``start`` to the end of the file is zeros (the end blocks' padding)."""
+    pos = start
+    while pos < total_size:
+        chunk = os.pread(fd, min(total_size - pos, 1 << 20), pos)
+        if not chunk or chunk.count(0) != len(chunk):
+            return bool(not chunk and pos >= total_size)
+        pos += len(chunk)
+    return True
+
+
 # Rows: (joined bytes, rows as an (n + 1, 1536) array, where each row starts in the bytes,
 # header positions, member sizes).
 _RowsResult = tuple[bytes, Any, Any, Any, Any]
@@ -1040,12 +1060,11 @@ def _rows_from_index(fd: int, index_bytes: bytes, total_size: int) -> _RowsResul
     later. None when the hint does not hold (a stale index, or members it does not list)."""
     import numpy as np
 
-    newline = index_bytes.find(b"\n")
-    head = index_bytes[:newline].split(b" ")
-    if len(head) != 2 or head[0] not in (b"v1.1", b"v1.2"):
+    seen = index_tokens(index_bytes)
+    if seen is None:
         return None
-    width = 4 if head[0] == b"v1.2" else 3
-    tokens = index_bytes[newline + 1 :].split()
+    version, tokens = seen
+    width = 4 if version == "v1.2" else 3
     if not tokens or len(tokens) % width:
         return None
     try:
@@ -1103,7 +1122,7 @@ def _index_is_exact(index_bytes: bytes, tokens: list[bytes] | None, exts: list[b
 
     newline = index_bytes.find(b"\n")
     n_records, m = per_record.size, len(names)
-    if index_bytes[:newline] != b"%s %d" % (INDEX_VERSION.encode(), n_records):
+    if index_bytes[:newline] != header_line(n_records):
         return False
     body = index_bytes[newline + 1 :]
     if tokens is None:

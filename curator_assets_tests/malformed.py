@@ -324,7 +324,7 @@ def zero_block_inside(root, photos):
     data = path.read_bytes()
     at = members[9].offset
     path.write_bytes(data[:at] + bytes(512) + data[at:])
-    return Case("zero_block_inside", path, Counter(tar_bad_header=1), N)
+    return Case("zero_block_inside", path, Counter(tar_hole=1), N)
 
 
 @case()
