@@ -570,7 +570,8 @@ def _extension(reader: _Reader, base: int, pos: int, header: bytes, size: int, t
         return None
     typeflag = chr(header[156])
     if typeflag == GNU_LONGNAME:
-        st.pending_name = _decode_name(nts(data))
+        # GNU tar and tarfile read the name up to its NUL in the padded blocks, not up to the size.
+        st.pending_name = _decode_name(nts(data + reader.read_at(base + data_offset + size, _blocks(size) - size)))
     elif typeflag in (PAX_HEADER, PAX_GLOBAL):
         try:
             records = _parse_pax(data)

@@ -24,7 +24,7 @@ from curator_assets.storage import Dataset
 from curator_assets.tar_members import TarError
 from curator_assets.validation import validate_shard
 from curator_assets_tests.test_index import wds2idx
-from curator_assets_tests.test_realworld_tars import tarfile_tar, webdataset_shards, wds_samples
+from curator_assets_tests.test_realworld_tars import tarfile_tar, wds_samples, webdataset_shards
 
 CPU = DecodeOptions(device="cpu", batch_size=3, pipelines=1)
 
