@@ -2,16 +2,16 @@
 
 The shape of it:
 
-* **Plan** (:func:`plan_shard`): the records of a shard come from its ``.idx`` (never a rescan of
-  a tar that has one); record IDs come from the member names the index holds. A shard without an
-  index, or with a ``v1.1`` index (which has no names), gets a header scan instead: it reads 512
-  bytes per member and seeks over the data.
+* **Plan** (:func:`plan_shard`): a scan of every tar header (512 bytes per member, seeking over
+  the data) gives the records, with IDs from the member names; the shard's ``.idx``, when it has
+  one, must describe exactly those records (:func:`~curator_assets.index.index_differences`)
+  or the shard stops as stale. A damaged tar is planned from the recovering scan.
 * **Read**: two readers, chosen by :attr:`DecodeOptions.reader`.
 
   - ``stream`` (every store: local, ``s3://``, ``gs://``, ``az://``): a background thread reads
     the byte ranges of each batch through the :class:`~curator_assets.storage.Dataset` (one
-    ``pread``/ranged GET per run of adjacent members), checks each member's tar header against
-    the index (a stale index would otherwise hand DALI the wrong bytes), hashes the encoded
+    ``pread``/ranged GET per run of adjacent members), checks each member's tar header (its
+    real name, from a PAX or GNU long-name header when it has one) against the plan, hashes the encoded
     image, sniffs it, and keeps the caption and JSON. DALI gets the bytes through
     ``fn.external_source``.
   - ``dali`` (local files): DALI's own ``fn.readers.webdataset`` reads the tar through an index

@@ -328,6 +328,35 @@ def zero_block_inside(root, photos):
 
 
 @case()
+def garbage_mode_field(root, photos):
+    # Text in the mode field (checksum recomputed): tarfile and the webdataset library stop there.
+    return _damaged_header(root, photos, "garbage_mode_field", 4, 100, b"rw-r--r\0", fix=True)
+
+
+@case()
+def garbage_mtime_field(root, photos):
+    return _damaged_header(root, photos, "garbage_mtime_field", 8, 136, b"yesterday\0\0\0", fix=True)
+
+
+@case()
+def negative_size(root, photos):
+    # A base-256 size of -2 (checksum recomputed): a reader that believes it steps backwards forever.
+    return _damaged_header(root, photos, "negative_size", 5, 124, b"\xff" * 11 + b"\xfe", fix=True)
+
+
+@case()
+def zero_filled_hole(root, photos):
+    # An interrupted copy: 8 KiB of zeros where record 3 starts, then the rest of the shard.
+    path = _target(root, "zero_filled_hole")
+    write_tar(path, shard_members(photos, N))
+    members = layout(path)
+    data = path.read_bytes()
+    at = members[9].offset
+    path.write_bytes(data[:at] + bytes(8192) + data[at:])
+    return Case("zero_filled_hole", path, Counter(tar_hole=1), N)
+
+
+@case()
 def symlink_gnu_tar(root, photos):
     path = _target(root, "symlink_gnu_tar")
     stage = root / "_stage_symlink"
