@@ -92,7 +92,8 @@ def edits(lines: list[str]) -> dict[str, list[str]]:
     resized = " ".join([first[0], first[1], str(int(first[2]) - 1), *first[3:]])
     renamed = " ".join([*first[:3], lines[1].split(" ")[3], *first[4:]])
     return {
-        "deleted": lines[:2] + lines[3:], "duplicated": lines[:3] + lines[2:], "swapped": [lines[1], lines[0], *lines[2:]],
+        "deleted": lines[:2] + lines[3:], "duplicated": lines[:3] + lines[2:],
+        "swapped": [lines[1], lines[0], *lines[2:]],
         "offset": [moved, *lines[1:]], "size": [resized, *lines[1:]], "name": [renamed, *lines[1:]],
         "last_deleted": lines[:-1],
     }
