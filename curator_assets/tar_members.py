@@ -112,8 +112,10 @@ NUMERIC_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("si
                   ("mtime", 136, 148))
 _OCTAL = b"01234567"
 _PADDING = b" \0\t\n\r\x0b\x0c"
-# Everything a plain octal field holds; a header with any other byte there takes the exact path.
-_PLAIN_FIELD_BYTES = _OCTAL + b" \0"
+# Everything a plain octal field holds; a header with any other byte in mode, uid, gid, size or
+# mtime takes the exact path. A translation table and one compare: the cheapest check in C.
+_FIELD_BYTE_CLASS = bytes(0 if c in _OCTAL + b" \0" else 1 for c in range(256))
+_PLAIN_FIELDS = bytes(148 - 100)
 MAX_EXTENDED_HEADER = 16 << 20  # a PAX or long-name header larger than this is damage, not a name
 
 
@@ -408,7 +410,7 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
             return pos
         # mode, uid, gid, size, mtime: plain octal or the exact path (int() alone would take a
         # sign, an underscore or inner spaces, and a negative size would send the scan back).
-        if header[100:148].translate(None, _PLAIN_FIELD_BYTES):
+        if header[100:148].translate(_FIELD_BYTE_CLASS) != _PLAIN_FIELDS:
             return pos
         try:
             stored = int(header[148:154], 8)

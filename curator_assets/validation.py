@@ -29,9 +29,9 @@ from typing import Any, BinaryIO, NamedTuple
 from curator_assets.index import (
     IndexFormatError,
     build_index_bytes,
-    header_line,
     index_differences,
     index_tokens,
+    is_index_of_fields,
     parse_index,
 )
 from curator_assets.tar_members import (
@@ -884,7 +884,7 @@ def _fast_validate(
         ext = np.where(take < f_len[:, None], np.take_along_axis(fnames, take, 1), 0)
         ext_list = np.ascontiguousarray(ext).view("S16").ravel().tolist()
         per_record = np.diff(np.append(np.flatnonzero(starts), files.size))
-        if not _index_is_exact(index_bytes, index_tokens, ext_list, offsets[files], size_arr[files], name_list,
+        if not is_index_of_fields(index_bytes, index_tokens, ext_list, offsets[files], size_arr[files], name_list,
                                (f_len - first_dot - 1) + f_len, per_record):
             return None
         report.index = "fresh"
@@ -1102,44 +1102,6 @@ def _rows_from_index(fd: int, index_bytes: bytes, total_size: int) -> _RowsResul
     if not chained.all() or (rows[-1, BLOCK:] != 0).any():
         return None
     return buf, rows, starts_in_buf, header_at, sizes, tokens if width == 4 else None
-
-
-def _digits(values):
-    """Decimal digits of non-negative integers (0 has one)."""
-    import numpy as np
-
-    return np.searchsorted(10 ** np.arange(1, 19, dtype=np.int64), values, side="right") + 1
-
-
-def _index_is_exact(index_bytes: bytes, tokens: list[bytes] | None, exts: list[bytes], offsets, sizes,
-                    names: list[bytes], text_len, per_record) -> bool:
-    """Whether ``index_bytes`` is byte for byte the v1.2 index of these members (``text_len``:
-    the length of each member's extension plus its name; ``per_record``: components per
-    record). Compares fields rather than formatting the whole text: every token must equal
-    the member's field, and the only other bytes must be one space between fields and one
-    newline after each record."""
-    import numpy as np
-
-    newline = index_bytes.find(b"\n")
-    n_records, m = per_record.size, len(names)
-    if index_bytes[:newline] != header_line(n_records):
-        return False
-    body = index_bytes[newline + 1 :]
-    if tokens is None:
-        tokens = body.split()
-    if len(tokens) != 4 * m or tokens[3::4] != names or tokens[0::4] != exts:
-        return False
-    expected = np.concatenate([offsets, sizes]).tolist()
-    if b" ".join(tokens[1::4] + tokens[2::4]) != " ".join(map(str, expected)).encode():
-        return False
-    digits = _digits(offsets) + _digits(sizes)
-    token_len = int(text_len.sum() + digits.sum())
-    if len(body) != token_len + 4 * m or body.count(b"\n") != n_records or body.count(b" ") != 4 * m - n_records:
-        return False
-    # Each newline ends a record: at the cumulative length of the records' lines.
-    member_len = text_len + digits + 4  # its four fields and the separator after each
-    record_end = np.cumsum(np.add.reduceat(member_len, np.cumsum(per_record) - per_record)) - 1
-    return bool((np.frombuffer(body, np.uint8)[record_end] == 10).all())
 
 
 def _table(chunks: list[bytes], starts_in_buf) -> tuple[bytes, Any]:
