@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import resource
 import subprocess
 import sys
 import tarfile
@@ -284,6 +285,15 @@ def test_a_sample_of_mutants_through_the_cli_never_hangs_or_tracebacks(tmp_path:
     command = [sys.executable, "-m", "curator_assets.cli"]
     for verb in (["validate", str(folder)], ["decode", str(folder), "--output", str(tmp_path / "out"), "--device",
                                              "cpu"], ["index", str(folder)]):
-        done = subprocess.run([*command, *verb], capture_output=True, text=True, timeout=300)
+        # Bounded memory: index and validate run under a 2 GiB address-space limit (DALI's
+        # reservations alone exceed any such limit, so decode's peak is read afterwards).
+        limit = None if verb[0] == "decode" else _address_space_limit
+        done = subprocess.run([*command, *verb], capture_output=True, text=True, timeout=300, preexec_fn=limit)
         assert done.returncode in (0, 1), (verb, done.returncode, done.stderr[-2000:])
-        assert "Traceback" not in done.stderr, (verb, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr, (verb, done.stderr[-2000:])
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 4 << 20, peak_kib  # the largest child process so far stayed under 4 GiB
+
+
+def _address_space_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
