@@ -214,26 +214,28 @@ def _decode_name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _parse_pax(data: bytes) -> dict[str, str]:
-    """PAX extended header records: ``"<len> <key>=<value>\\n"``."""
+def _parse_pax(data: bytes) -> tuple[dict[str, str], str | None]:
+    """PAX extended header records, ``"<len> <key>=<value>\\n"``, and why they stop early (None
+    when they do not). The records before a damaged one are kept, as tarfile keeps them: each
+    record's length delimits it, so damage cannot reach back into the ones before."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
         if data[pos] == 0:
             break
         space = data.find(b" ", pos)
-        if space < 0:
-            raise ValueError("PAX record without a length")
-        length = int(data[pos:space])
-        if length <= 0 or pos + length > len(data):
-            raise ValueError("PAX record length out of range")
-        record = data[space + 1 : pos + length - 1]  # without the trailing newline
-        key, sep, value = record.partition(b"=")
+        digits = data[pos:space] if space >= 0 else b""
+        if not digits.isdigit():
+            return records, f"record at byte {pos} has no length"
+        length = int(digits)
+        if length <= space - pos + 1 or pos + length > len(data) or data[pos + length - 1] != 0x0A:
+            return records, f"record at byte {pos} has a length out of range ({length})"
+        key, sep, value = data[space + 1 : pos + length - 1].partition(b"=")
         if not sep:
-            raise ValueError("PAX record without '='")
+            return records, f"record at byte {pos} has no '='"
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
-    return records
+    return records, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,13 +577,11 @@ def _extension(reader: _Reader, base: int, pos: int, header: bytes, size: int, t
         # GNU tar and tarfile read the name up to its NUL in the padded blocks, not up to the size.
         st.pending_name = _decode_name(nts(data + reader.read_at(base + data_offset + size, _blocks(size) - size)))
     elif typeflag in (PAX_HEADER, PAX_GLOBAL):
-        try:
-            records = _parse_pax(data)
-        except ValueError as exc:
-            yield TarProblem("tar_bad_header", pos, f"bad PAX header: {exc}")
+        records, damage = _parse_pax(data)
+        if damage is not None:
+            yield TarProblem("tar_bad_header", pos, f"bad PAX header: {damage}")
             if not recover:
                 return None
-            records = {}
         if typeflag == PAX_HEADER:
             st.pending_pax.update(records)
         else:
@@ -662,16 +662,13 @@ def _compressed_hint(header: bytes) -> str | None:
 
 
 def check_header(header: bytes) -> str | None:
-    """None if the block is a readable tar header, else why not: the checksum, the format
-    magic, and the numeric fields tarfile parses (mode, uid, gid, size, mtime)."""
+    """None if the block is a readable tar header, else why not: the checksum and the numeric
+    fields tarfile parses (mode, uid, gid, size, mtime). A header whose format magic is neither
+    ustar nor GNU is read as a pre-POSIX (v7) one, as tarfile, GNU tar and bsdtar all read it."""
     if len(header) < BLOCK:
         return "a short block"
     if not checksum_ok(header):
         return "checksum mismatch"
-    magic = header[257:263]
-    # Pre-POSIX (v7) headers have an empty magic field; anything else is not a tar header.
-    if magic not in (b"ustar\x00", b"ustar ") and magic != b"\0" * 6:
-        return f"unknown format magic {magic!r}"
     return numeric_problem(header)
 
 

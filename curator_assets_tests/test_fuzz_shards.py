@@ -52,6 +52,8 @@ class Seed:
     tar: bytes
     idx: bytes
     headers: list[int]  # offsets of every header block (extension headers included)
+    originals: dict[str, str]  # member name -> sha256 of its bytes, before any mutation
+    placed: dict[str, tuple[int, int]]  # member name -> (data offset, size), before any mutation
 
 
 def seed_files(photos, n: int) -> list[tuple[str, bytes]]:
@@ -77,7 +79,10 @@ def seeds(tmp_path_factory, photos) -> list[Seed]:
         ensure_index(Dataset(str(folder)), "00000")
         with tarfile.open(path) as tar:
             headers = sorted({b for m in tar.getmembers() for b in range(m.offset, m.offset_data, BLOCK)})
-        out.append(Seed(name, path.read_bytes(), (folder / "00000.idx").read_bytes(), headers))
+            originals = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+                         for m in tar.getmembers() if m.isreg()}
+            placed = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isreg()}
+        out.append(Seed(name, path.read_bytes(), (folder / "00000.idx").read_bytes(), headers, originals, placed))
     return out
 
 
@@ -218,7 +223,7 @@ def check_validate(dataset: Dataset, what: str) -> None:
     assert not unknown, (what, unknown)
 
 
-def check_decode(dataset: Dataset, data: bytes, view, decoder: ShardDecoder, what: str) -> None:
+def check_decode(dataset: Dataset, data: bytes, view, seed: Seed, decoder: ShardDecoder, what: str) -> None:
     try:
         result, rows = decode_shard(dataset, "00000", decoder=decoder, write=False)
     except OURS:
@@ -228,6 +233,8 @@ def check_decode(dataset: Dataset, data: bytes, view, decoder: ShardDecoder, wha
         if row.sha256 is None:
             continue
         assert split_key(row.member)[0] == row.record_id, (what, row)
+        if seed.originals.get(row.member) == row.sha256:
+            continue  # exactly that member's bytes as the writer wrote them, under its own name
         if row.offset in view:  # tarfile's reading of that member: same name, same bytes
             assert view[row.offset][0] == row.member and view[row.offset][2] == row.sha256, (what, row)
         else:  # beyond where tarfile gives up: the header right there must say this size
@@ -238,7 +245,7 @@ def check_decode(dataset: Dataset, data: bytes, view, decoder: ShardDecoder, wha
     assert not missing or result.problems, (what, missing)
 
 
-def check_index(dataset: Dataset, folder: Path, view, what: str) -> None:
+def check_index(dataset: Dataset, folder: Path, data: bytes, view, seed: Seed, what: str) -> None:
     try:
         ensure_index(dataset, "00000")
     except OURS:
@@ -246,6 +253,12 @@ def check_index(dataset: Dataset, folder: Path, view, what: str) -> None:
     index = parse_index((folder / "00000.idx").read_bytes())
     for record in index.records:
         for comp in record.components:
+            member = data[comp.offset : comp.offset + comp.size]
+            if seed.placed.get(comp.name) == (comp.offset, comp.size) and (
+                    seed.originals[comp.name] == hashlib.sha256(member).hexdigest()):
+                continue  # that member where the writer put it, its bytes untouched
+            # Otherwise tarfile's reading (GNU tar and tarfile differ on some damage, such as two
+            # long-name headers in a row, where the writer's layout above decides).
             assert view.get(comp.offset, (None,))[:2] == (comp.name, comp.size), (what, comp)
 
 
@@ -267,8 +280,8 @@ def test_mutants_of_real_shards_through_every_verb(tmp_path: Path, seeds) -> Non
             view = tarfile_view(tar, folder / "00000.tar")
             dataset = Dataset(str(folder))
             bounded(pool, check_validate, dataset, what)
-            bounded(pool, check_decode, dataset, tar, view, decoder, what)
-            bounded(pool, check_index, dataset, folder, view, what)
+            bounded(pool, check_decode, dataset, tar, view, seed, decoder, what)
+            bounded(pool, check_index, dataset, folder, tar, view, seed, what)
     assert len(kinds) >= 15  # the mix really covers the mutation kinds
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -331,3 +332,22 @@ def test_archives_appended_to_each_other_are_a_hole_and_padding_is_not(tmp_path:
     padded.write_bytes(first.read_bytes() + bytes(20 * 512))
     with open(padded, "rb") as f:
         assert scan_tar(f, recover=True).problems == []
+
+
+def test_a_header_with_foreign_magic_is_read_as_every_reader_reads_it(tmp_path: Path) -> None:
+    """A junk format magic with a valid checksum: tarfile, GNU tar and bsdtar read the header as
+    a pre-POSIX one; a scanner that refused it would drop records the readers all see."""
+    path, infos = records_shard(tmp_path, tarfile.GNU_FORMAT, 3)
+    raw = bytearray(path.read_bytes())
+    raw[infos[2].offset + 257 : infos[2].offset + 265] = b"NOTAR\0\0\0"
+    fix_checksum(raw, infos[2].offset)
+    path.write_bytes(raw)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    assert [n for n, _, _ in expected] == [i.name for i in infos]
+    for tool in ("tar", "bsdtar"):
+        if shutil.which(tool):
+            listed = subprocess.run([tool, "-tf", str(path)], capture_output=True, text=True, check=True).stdout
+            assert listed.split("\n")[:-1] == [i.name for i in infos], tool
+    scan = scan_tar(io.BytesIO(bytes(raw)))
+    assert scan.problems == [] and [(m.name, m.offset, m.size) for m in scan.members] == expected
