@@ -778,7 +778,9 @@ def _fast_validate(
     block_before_next = table[1:, :BLOCK]
     offsets = header_at[:n] + BLOCK
 
-    # 2. Headers: ustar/GNU magic, plain files or directories, octal fields, checksums.
+    # 2. Headers: ustar/GNU magic, plain files or directories, octal fields, checksums. A
+    # vectorised form of tar_members' rules for the common case only: whatever it cannot prove
+    # clean is judged by the scanner (tar_members.check_header) in the precise pass.
     if not (hdr[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all():
         return None
     version = hdr[:, 262]
@@ -1038,6 +1040,8 @@ def _rows_by_walking(fd: int, total_size: int) -> _RowsResult | None:
         try:
             size = int(chunk[i + 124 : i + 135], 8)
         except ValueError:
+            return None
+        if size < 0:  # int() takes a sign: a negative size would walk back, or stay put, forever
             return None
         add_pos(pos)
         add_size(size)

@@ -351,6 +351,13 @@ def negative_size(root, photos):
 
 
 @case()
+def negative_size_text(root, photos):
+    # An octal size of -1000 (checksum recomputed): one step of -512 blocks plus the header's
+    # own block leaves a reader that believes it on the same header forever.
+    return _damaged_header(root, photos, "negative_size_text", 5, 124, b"-0000001750\0", fix=True)
+
+
+@case()
 def zero_filled_hole(root, photos):
     # An interrupted copy: 8 KiB of zeros where record 3 starts, then the rest of the shard.
     path = _target(root, "zero_filled_hole")
