@@ -116,8 +116,8 @@ def mutate_tar(rng: random.Random, seed: Seed) -> tuple[bytes, str]:
         data[at:at] = data[at : at + BLOCK]
     else:  # a size field rewritten: negative, huge, garbage, or off by a block
         at = rng.choice(seed.headers)
-        field = rng.choice([b"\xff" * 12, b"\x80" + (1 << 80).to_bytes(11, "big")[-11:], b"-0000000001\0", b"-0000001750\0",
-                            b"77777777777\0", b"zz\0", b"%011o\0" % rng.randrange(1 << 20)])
+        field = rng.choice([b"\xff" * 12, b"\x80" + (1 << 80).to_bytes(11, "big")[-11:], b"-0000000001\0",
+                            b"-0000001750\0", b"77777777777\0", b"zz\0", b"%011o\0" % rng.randrange(1 << 20)])
         data[at + 124 : at + 136] = field
         if rng.random() < 0.7:  # with a checksum that matches, so the header looks real
             data[at + 148 : at + 156] = b" " * 8
