@@ -342,35 +342,29 @@ def ensure_index(
     idx_fp = fingerprint_of(idx_info) if idx_info else None
     idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
 
-    members = None
+    members = built = None
     if not force and idx_info is not None:
-        existing: ShardIndex | None = None
-        try:
-            existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
-        except IndexFormatError:
-            existing = None
-        fresh = False
-        if existing is not None and previous and previous.get("tar_fingerprint"):
+        raw = dataset.read_index_bytes(key) or b""
+        counts: tuple[int, int] | None = None  # (records, components) of a reusable index
+        if previous and previous.get("tar_fingerprint"):
             # What the last run recorded decides: an unchanged tar and index are reused, a
             # changed tar is always re-indexed (store timestamps can be whole seconds).
-            fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
-        elif existing is not None:
+            if previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp:
+                counts = _counts(raw, idx_url)
+        else:
             # Every header is read (never the data): reuse only an index that describes the tar exactly.
             with dataset.open_shard(key) as f:
                 members = read_members(f, shard.url)
-            fresh = not index_differences(existing, group_records(members))
-        if fresh:
-            return IndexResult(
-                key, shard.url, idx_url, len(existing),
-                sum(len(r.components) for r in existing.records), shard.size,
-                time.perf_counter() - start, True, shard.fingerprint, idx_fp,
-            )
+            counts, built = _describes(raw, idx_url, members)
+        if counts is not None:
+            return IndexResult(key, shard.url, idx_url, counts[0], counts[1], shard.size,
+                               time.perf_counter() - start, True, shard.fingerprint, idx_fp)
 
     if members is None:
         with dataset.open_shard(key) as f:
             members = read_members(f, shard.url)
     try:
-        data, n_records, n_components = index_bytes_of_members(members)
+        data, n_records, n_components = built or index_bytes_of_members(members)
     except IndexFormatError as exc:
         raise IndexFormatError(f"{shard.url}: {exc}") from None
     dataset.write_index(key, data)
@@ -380,3 +374,31 @@ def ensure_index(
         shard.size, time.perf_counter() - start, False, shard.fingerprint,
         fingerprint_of(new_info) if new_info else None,
     )
+
+
+def _counts(raw: bytes, idx_url: str) -> tuple[int, int] | None:
+    try:
+        index = parse_index(raw, idx_url)
+    except IndexFormatError:
+        return None
+    return len(index), sum(len(r.components) for r in index.records)
+
+
+def _describes(raw: bytes, idx_url: str, members: list[Member]
+               ) -> tuple[tuple[int, int] | None, tuple[bytes, int, int] | None]:
+    """Whether an existing index describes the tar of ``members`` (its counts, or None), and the
+    index this tar gives, when it can be built. Byte-identical to it is the common case; any
+    other text (a v1.1 index, ``wds2idx``'s) is compared record by record."""
+    try:
+        built = index_bytes_of_members(members)
+    except IndexFormatError:
+        built = None
+    if built is not None and built[0] == raw:
+        return built[1:], built
+    try:
+        existing = parse_index(raw, idx_url)
+    except IndexFormatError:
+        return None, built
+    if index_differences(existing, group_records(members)):
+        return None, built
+    return (len(existing), sum(len(r.components) for r in existing.records)), built
