@@ -384,7 +384,7 @@ def _refuse_stale(shard_url: str, index, records) -> None:
     if diffs:
         raise StaleIndexError(
             f"{shard_url}: its .idx does not match the tar: {'; '.join(diffs)}; "
-            "rebuild the index (curator-assets index --force)"
+            "rebuild the index (curator-assets index --force) (idx_stale)"
         )
 
 
@@ -449,7 +449,8 @@ def _header_agrees(header: memoryview, comp: Component) -> bool:
 def _stale_message(plan: ShardPlan, comp: Component, why: str) -> str:
     return (
         f"{plan.shard_url}: its .idx does not match the tar: the index puts {comp.name!r} "
-        f"({comp.size} bytes) at byte {comp.offset}, but {why}; rebuild the index (curator-assets index --force)"
+        f"({comp.size} bytes) at byte {comp.offset}, but {why}; rebuild the index (curator-assets index --force) "
+        "(idx_stale)"
     )
 
 
