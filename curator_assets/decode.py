@@ -2,16 +2,16 @@
 
 The shape of it:
 
-* **Plan** (:func:`plan_shard`): the records of a shard come from its ``.idx`` (never a rescan of
-  a tar that has one); record IDs come from the member names the index holds. A shard without an
-  index, or with a ``v1.1`` index (which has no names), gets a header scan instead: it reads 512
-  bytes per member and seeks over the data.
+* **Plan** (:func:`plan_shard`): a scan of every tar header (512 bytes per member, seeking over
+  the data) gives the records, with IDs from the member names; the shard's ``.idx``, when it has
+  one, must describe exactly those records (:func:`~curator_assets.index.index_differences`)
+  or the shard stops as stale. A damaged tar is planned from the recovering scan.
 * **Read**: two readers, chosen by :attr:`DecodeOptions.reader`.
 
   - ``stream`` (every store: local, ``s3://``, ``gs://``, ``az://``): a background thread reads
     the byte ranges of each batch through the :class:`~curator_assets.storage.Dataset` (one
-    ``pread``/ranged GET per run of adjacent members), checks each member's tar header against
-    the index (a stale index would otherwise hand DALI the wrong bytes), hashes the encoded
+    ``pread``/ranged GET per run of adjacent members), checks each member's tar header (its
+    real name, from a PAX or GNU long-name header when it has one) against the plan, hashes the encoded
     image, sniffs it, and keeps the caption and JSON. DALI gets the bytes through
     ``fn.external_source``.
   - ``dali`` (local files): DALI's own ``fn.readers.webdataset`` reads the tar through an index
@@ -67,17 +67,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from curator_assets import schema
-from curator_assets.index import IndexComponent, IndexFormatError, parse_index
+from curator_assets import schema, sniff
+from curator_assets.index import IndexComponent, IndexFormatError, format_lines, index_differences, parse_index
 from curator_assets.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
-from curator_assets.sniff import ImageProblem, check_header, check_image, jpeg_header, not_a_tar
+from curator_assets.sniff import ImageProblem, check_image, jpeg_header, not_a_tar
 from curator_assets.storage import StorageError
 from curator_assets.tar_members import (
     REGULAR_TYPES,
-    _check_header,
-    _nts,
-    _number,
+    Member,
+    check_header,
     group_records,
+    header_name,
+    header_size,
+    member_at,
+    parse_number,
     scan_tar,
 )
 
@@ -317,6 +320,12 @@ class ShardPlan:
     errors: list[tuple[str, str]] = field(default_factory=list)
     report: str = "none"  # the validation report: "used" | "stale" | "none" | "unreadable"
     flagged: int = 0  # records failed by the report's verdict
+    # Data offset -> first header offset, for members whose name or size is in a PAX or GNU
+    # long-name header before their own (their ustar name field is not their name).
+    header_at: dict[int, int] = field(default_factory=dict)
+
+    def first_header(self, comp: Component) -> int:
+        return self.header_at.get(comp.offset, comp.offset - 512)
 
 
 _SLOTS = {schema.IMAGE: 0, schema.CAPTION: 1, schema.METADATA: 2}
@@ -370,11 +379,17 @@ AUTO = "auto"  # plan_shard's report: read the shard's stored validation report,
 
 
 def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
-    """The records of shard ``key``: from its ``.idx`` when it has a v1.2 one, else a header scan.
+    """The records of shard ``key``, from a scan of every header (never the data), checked
+    against the shard's ``.idx`` when it has one.
 
-    ``report``: the shard's :class:`~curator_assets.validation.ShardReport` whose verdict fails
-    records (see :func:`apply_report`); ``"auto"`` reads the stored one, None uses none.
-    Raises :class:`DecodeError` for a file that is no tar at all, or holds nothing readable.
+    An index that does not describe the tar exactly (a record missing, duplicated, moved or
+    added; another shard's index) raises :class:`StaleIndexError`: decoding from it would put
+    one member's bytes under another record's ID. A damaged tar is planned from the
+    recovering scan (its problems listed, and kept as shard errors), so every record it can
+    find is decoded. ``report``: the shard's :class:`~curator_assets.validation.ShardReport`
+    whose verdict fails records (see :func:`apply_report`); ``"auto"`` reads the stored one,
+    None uses none. Raises :class:`DecodeError` for a file that is no tar at all, or holds
+    nothing readable.
     """
     shard = dataset.shard(key)
     try:
@@ -383,46 +398,58 @@ def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
         raise
     except OSError as exc:
         raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
-    plan = None
-    problems: list[str] = []
+    scan = _scan_shard(dataset, shard)
+    problems = [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
+    records = group_records(scan.members)
+    header_at = {m.offset: m.header_offset for m in scan.members if m.header_offset != m.offset - 512}
+    bytes_read = 512 * len(scan.members) + len(raw or b"")
+    source = "scan"
     if raw:
-        idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
-        try:
-            index = parse_index(raw, idx_url)
-        except IndexFormatError as exc:
-            raise DecodeError(f"{shard.url}: unreadable index: {exc}", "idx_unreadable") from exc
-        if index.has_names:
-            records = [_planned(n, rec.key or "", rec.components) for n, rec in enumerate(index.records)]
-            plan = ShardPlan(key, shard.url, shard.size, records, "index", True, len(raw), problems)
-            plan.bytes_read += _check_tail(dataset, plan)
-        else:
-            problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
-    if plan is None:
-        plan = _scanned_plan(dataset, shard, problems)
+        source = _check_index(dataset, shard, raw, scan, records, problems)
+    planned = [
+        _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
+        for n, rec in enumerate(records)
+    ]
+    plan = ShardPlan(key, shard.url, shard.size, planned, source, source == "index", bytes_read, problems,
+                     header_at=header_at)
+    plan.errors += [(p.code, f"{p.detail} (at byte {p.offset})") for p in scan.problems]
     if report == AUTO:
         report = _stored_report(dataset, key, plan)
     apply_report(plan, report, shard.fingerprint)
     return plan
 
 
-def _scanned_plan(dataset, shard, problems: list[str]) -> ShardPlan:
+def _scan_shard(dataset, shard):
+    """Every header of the shard (recovering past damage); a file with nothing readable is
+    refused, saying what it is (``not_a_tar``) or where it broke."""
     with dataset.open_shard(shard.key) as f:
         scan = scan_tar(f, recover=True, total_size=shard.size)
-        if scan.problems and not scan.members:  # nothing readable: say what the file is
+        if scan.problems and not scan.members:
             f.seek(0)
             why = not_a_tar(f.read(512))
             first = scan.problems[0]
             if why is not None:
                 raise DecodeError(f"{shard.url}: {why}", "not_a_tar")
             raise DecodeError(f"{shard.url}: {first.detail} (at byte {first.offset}): nothing to decode", first.code)
-    problems += [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
-    records = [
-        _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
-        for n, rec in enumerate(group_records(scan.members))
-    ]
-    plan = ShardPlan(shard.key, shard.url, shard.size, records, "scan", False, 512 * len(scan.members), problems)
-    plan.errors += [(p.code, f"{p.detail} (at byte {p.offset})") for p in scan.problems]
-    return plan
+    return scan
+
+
+def _check_index(dataset, shard, raw: bytes, scan, records, problems: list[str]) -> str:
+    """"index" when the shard's ``.idx`` describes the scanned tar exactly (and has names), else
+    "scan"; raises :class:`StaleIndexError` for an index of another tar."""
+    idx_url = dataset.url_of(dataset.index_path(shard.key), dataset.index_fs)
+    try:
+        index = parse_index(raw, idx_url)
+    except IndexFormatError as exc:
+        raise DecodeError(f"{shard.url}: unreadable index: {exc}", "idx_unreadable") from exc
+    if scan.problems:
+        problems.append(f"{idx_url} not used: the tar is damaged, its records come from a recovering header scan")
+        return "scan"
+    _refuse_stale(shard.url, index, records)
+    if index.has_names:
+        return "index"
+    problems.append(f"{idx_url} is a v1.1 index (no member names): record IDs come from a header scan")
+    return "scan"
 
 
 def _stored_report(dataset, key: str, plan: ShardPlan):
@@ -436,34 +463,13 @@ def _stored_report(dataset, key: str, plan: ShardPlan):
         return None
 
 
-def _check_tail(dataset, plan: ShardPlan) -> int:
-    """Raise :class:`StaleIndexError` when the tar has records after the last one the index lists
-    (a shard appended to after indexing): the end-of-archive blocks should follow it. Only when
-    something else follows are the headers after it scanned. A tar that ends inside or right
-    after the last member is truncated: that goes into ``plan.errors``. Returns the bytes read."""
-    end = max((c.offset + -(-c.size // 512) * 512 for r in plan.records[-1:] for c in r.components), default=0)
-    if end > plan.shard_size:
-        plan.errors.append(("tar_truncated", f"the tar ends at byte {plan.shard_size}, inside the members its "
-                            f".idx lists (up to byte {end})"))
-        return 0
-    if end == plan.shard_size and plan.records:
-        plan.errors.append(("tar_truncated", "archive ends without the two zero end-of-archive blocks"))
-        return 0
-    path = dataset.shard_path(plan.key)
-    block = dataset.fs.cat_file(path, start=end, end=min(end + 512, plan.shard_size))
-    if block.count(0) == len(block):
-        return len(block)
-    with dataset.open_shard(plan.key) as f:
-        f.seek(end)
-        tail = scan_tar(f, total_size=plan.shard_size - end)
-    extra = group_records(tail.members)
-    if extra:
-        first = tail.members[0].name if tail.members else "?"
+def _refuse_stale(shard_url: str, index, records) -> None:
+    diffs = index_differences(index, records, limit=3)
+    if diffs:
         raise StaleIndexError(
-            f"{plan.shard_url}: its .idx does not match the tar: {len(extra)} record(s) follow the last one it "
-            f"lists (from {first!r} at byte {end}); rebuild the index (curator-assets index --force)"
+            f"{shard_url}: its .idx does not match the tar: {'; '.join(diffs)}; "
+            "rebuild the index (curator-assets index --force) (idx_stale)"
         )
-    return len(block) + 512 * len(tail.members)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,46 +492,49 @@ class EncodedBatch:
     bytes_read: int
 
 
-def _header_problem(header: bytes, comp: Component) -> str | None:
-    """Why the 512 bytes before a member's data are not that member's header (None: they are)."""
-    if len(header) < 512 or _check_header(header) is not None:
+def _header_problem(headers: bytes, comp: Component, start: int) -> str | None:
+    """Why the headers read from ``start`` up to a member's data are not that member's (None:
+    they are). ``headers`` holds the member's own header last, any PAX or GNU long-name headers
+    before it: the name compared is the real one, never the ustar field alone."""
+    header = headers[-512:]
+    if len(headers) < 512 or check_header(header) is not None:
         return "no tar header there"
     if chr(header[156]) not in REGULAR_TYPES:
         return f"a member of type {chr(header[156])!r} is there"
-    try:
-        size = _number(header[124:136])
-    except ValueError:
+    if len(headers) == 512:
+        name, size = header_name(header), header_size(header)
+    else:
+        found = member_at(headers, start)
+        if not isinstance(found, Member):
+            return f"an unreadable header is there ({found.detail})"
+        if found.offset != comp.offset:
+            return f"member {found.name!r} starts at byte {found.offset}"
+        name, size = found.name, found.size
+    if size is None:
         return "an unreadable header is there"
-    name = _nts(header[0:100])
-    if header[257:263] == b"ustar\x00":
-        prefix = _nts(header[345:500])
-        if prefix:
-            name = prefix + b"/" + name
-    expected = comp.name.encode("utf-8", "surrogateescape")
-    # Long names live in an extension header before this one; only short names can be compared.
-    if size != comp.size or (len(expected) < 100 and name != expected):
-        return f"member {name.decode('utf-8', 'replace')!r} ({size} bytes) is there"
+    if size != comp.size or name != comp.name:
+        return f"member {name!r} ({size} bytes) is there"
     return None
 
 
 def _header_agrees(header: memoryview, comp: Component) -> bool:
-    """Fast path of :func:`_header_problem`: the name and size fields say this member."""
+    """Fast path of :func:`_header_problem` for a member without extension headers whose name
+    fits the ustar name field: the name and size fields say this member."""
     expected = comp.name.encode("utf-8", "surrogateescape")
     n = len(expected)
-    if n < 100 and (header[:n] != expected or header[n] != 0):
+    if n >= 100 or header[:n] != expected or header[n] != 0:
         return False
-    field = bytes(header[124:136])
     try:
-        size = int(field.strip(b" \0") or b"0", 8)
+        return parse_number(bytes(header[124:136])) == comp.size
     except ValueError:
-        size = _number(field)  # GNU base-256 for members over 8 GiB
-    return size == comp.size
+        return False
 
 
 def _stale_message(plan: ShardPlan, comp: Component, why: str) -> str:
     return (
         f"{plan.shard_url}: its .idx does not match the tar: the index puts {comp.name!r} "
-        f"({comp.size} bytes) at byte {comp.offset}, but {why}; rebuild the index (curator-assets index --force)"
+        f"({comp.size} bytes) at byte {comp.offset}, but {why}; rebuild the index (curator-assets index --force) "
+        "(idx_stale)"
     )
 
 
@@ -566,10 +575,11 @@ class ShardReader:
         that take the index on trust)."""
         comps = [c for r in self.plan.records for c in r.needed]
         for c in [comps[i] for i in sorted({0, len(comps) // 2, len(comps) - 1}) if comps]:
-            if c.offset < 512 or c.offset + c.size > self.plan.shard_size:
+            start = self.plan.first_header(c)
+            if start < 0 or c.offset + c.size > self.plan.shard_size:
                 why = "the tar ends before it"
             else:
-                why = _header_problem(self._read(c.offset - 512, c.offset), c)
+                why = _header_problem(self._read(start, c.offset), c, start)
             if why is not None:
                 raise StaleIndexError(_stale_message(self.plan, c, why))
 
@@ -582,7 +592,7 @@ class ShardReader:
             img = rec.image
             if img is None or rec.verdict is not None or img.offset + img.size > size:
                 continue
-            _, problems = check_header(self._member_get(img), img.size, max_pixels=self.max_pixels)
+            _, problems = sniff.check_header(self._member_get(img), img.size, max_pixels=self.max_pixels)
             if problems:
                 records[n] = rec._replace(verdict="{}: {}".format(*problems[0]))
 
@@ -613,7 +623,8 @@ class ShardReader:
     def read_batch(self, records: Sequence[PlannedRecord]) -> EncodedBatch:
         size = self.plan.shard_size
         # Each needed member with its header block: [offset - 512, offset + size).
-        spans = sorted((c.offset - 512, c.offset + c.size) for r in records for c in r.needed)
+        first = self.plan.first_header
+        spans = sorted((first(c), c.offset + c.size) for r in records for c in r.needed)
         runs: list[list[int]] = []  # [start, end] of merged runs
         for s, e in spans:
             s, e = max(s, 0), min(e, size)
@@ -653,10 +664,12 @@ class ShardReader:
             row.member, row.offset, row.size = img.name, img.offset, img.size
         if self.plan.verify_headers:
             for comp in rec.needed:
-                header = view(comp.offset - 512, comp.offset) if comp.offset >= 512 else None
-                if header is not None and not _header_agrees(header, comp):
-                    why = _header_problem(bytes(header), comp) or "its header disagrees"
-                    raise StaleIndexError(_stale_message(self.plan, comp, why))
+                start = self.plan.first_header(comp)
+                header = view(start, comp.offset) if start >= 0 else None
+                if header is not None and not (start == comp.offset - 512 and _header_agrees(header, comp)):
+                    why = _header_problem(bytes(header), comp, start)
+                    if why is not None:
+                        raise StaleIndexError(_stale_message(self.plan, comp, why))
         if rec.caption is not None:
             data = view(rec.caption.offset, rec.caption.offset + rec.caption.size)
             if data is not None:
@@ -1029,15 +1042,13 @@ class ShardDecoder:
 def _write_native_index(path: str, records: Sequence[PlannedRecord]) -> None:
     """An index for DALI's reader: per record the image as ``img``, the caption as ``txt``, the
     JSON as ``json``. Fixed names make ``.jpeg``/``.JPG``/``.png`` all match one output."""
-    lines = []
-    for r in records:
-        parts = []
-        for ext, comp in (("img", r.image), ("txt", r.caption), ("json", r.metadata)):
-            if comp is not None:
-                parts.append(f"{ext} {comp.offset} {comp.size} {ext}")
-        lines.append(" ".join(parts))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    lines = (
+        [(ext, comp.offset, comp.size, ext) for ext, comp in (("img", r.image), ("txt", r.caption),
+                                                              ("json", r.metadata)) if comp is not None]
+        for r in records
+    )
+    with open(path, "wb") as f:
+        f.write(format_lines(lines))
 
 
 class _NativeRun:

@@ -12,11 +12,10 @@ points at the long-name header instead of the data) ours is correct.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
-from curator_assets.storage import modified_at
 from curator_assets.tar_members import REGULAR_TYPES, Member, Record, group_records, split_key
 
 INDEX_VERSION = "v1.2"
@@ -106,6 +105,76 @@ def format_index(records: Iterable[Record]) -> str:
     return f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n"
 
 
+def header_line(n_records: int) -> bytes:
+    """The first line of a v1.2 index, without its newline."""
+    return f"{INDEX_VERSION} {n_records}".encode()
+
+
+def format_lines(lines: Iterable[Iterable[tuple[str, int, int, str]]]) -> bytes:
+    """A v1.2 index of records given as ``(ext, offset, size, name)`` components (for indexes
+    written for a reader, such as decode's index of picked components for DALI)."""
+    text = []
+    for comps in lines:
+        parts = []
+        for ext, offset, size, name in comps:
+            _check_field(ext, "extension", name)
+            _check_field(name, "name", name)
+            parts.append(f"{ext} {offset} {size} {name}")
+        text.append(" ".join(parts))
+    return header_line(len(text)) + b"\n" + "\n".join(text).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def index_tokens(data: bytes) -> tuple[str, list[bytes]] | None:
+    """``(version, fields of every record line)`` of an index, split on whitespace; None when
+    the first line is not ``v1.1 N``/``v1.2 N``. A quick view for vectorised readers: the line
+    structure is only checked by :func:`parse_index`."""
+    newline = data.find(b"\n")
+    head = data[: newline if newline >= 0 else len(data)].split(b" ")
+    if len(head) != 2 or head[0].decode("ascii", "replace") not in READABLE_VERSIONS:
+        return None
+    return head[0].decode(), data[newline + 1 :].split() if newline >= 0 else []
+
+
+def _digits(values):
+    """Decimal digits of non-negative integers (0 has one)."""
+    import numpy as np
+
+    return np.searchsorted(10 ** np.arange(1, 19, dtype=np.int64), values, side="right") + 1
+
+
+def is_index_of_fields(index_bytes: bytes, tokens: list[bytes] | None, exts: list[bytes], offsets, sizes,
+                       names: list[bytes], text_len, per_record) -> bool:
+    """Whether ``index_bytes`` is byte for byte the v1.2 index of these members, given as numpy
+    arrays and lists by validation's vectorised pass (``tokens``: the index split on whitespace,
+    if already done; ``text_len``:
+    the length of each member's extension plus its name; ``per_record``: components per
+    record). Compares fields rather than formatting the whole text: every token must equal
+    the member's field, and the only other bytes must be one space between fields and one
+    newline after each record."""
+    import numpy as np
+
+    newline = index_bytes.find(b"\n")
+    n_records, m = per_record.size, len(names)
+    if index_bytes[:newline] != header_line(n_records):
+        return False
+    body = index_bytes[newline + 1 :]
+    if tokens is None:
+        tokens = body.split()
+    if len(tokens) != 4 * m or tokens[3::4] != names or tokens[0::4] != exts:
+        return False
+    expected = np.concatenate([offsets, sizes]).tolist()
+    if b" ".join(tokens[1::4] + tokens[2::4]) != " ".join(map(str, expected)).encode():
+        return False
+    digits = _digits(offsets) + _digits(sizes)
+    token_len = int(text_len.sum() + digits.sum())
+    if len(body) != token_len + 4 * m or body.count(b"\n") != n_records or body.count(b" ") != 4 * m - n_records:
+        return False
+    # Each newline ends a record: at the cumulative length of the records' lines.
+    member_len = text_len + digits + 4  # its four fields and the separator after each
+    record_end = np.cumsum(np.add.reduceat(member_len, np.cumsum(per_record) - per_record)) - 1
+    return bool((np.frombuffer(body, np.uint8)[record_end] == 10).all())
+
+
 def build_index_bytes(records: Iterable[Record]) -> bytes:
     return format_index(records).encode("utf-8", "surrogateescape")
 
@@ -189,29 +258,44 @@ def parse_index(data: bytes | str, source: str = "index") -> ShardIndex:
     return ShardIndex(version, tuple(records))
 
 
-def index_matches_members(index: ShardIndex, records: list[Record]) -> list[str]:
-    """Differences between an index and the records of the tar it claims to describe."""
+def index_differences(index: ShardIndex, records: Sequence[Record], limit: int = 20) -> list[str]:
+    """How an index fails to describe a tar whose records (from a header scan) are ``records``;
+    empty when it describes it exactly: the same records in the same order, each with the same
+    components (extension, data offset, size and, in v1.2, member name). This is the one rule
+    for "does this index describe this tar": index reuse, validation and decode all ask it.
+    It needs the headers only, never the data."""
     diffs: list[str] = []
-    if len(index.records) != len(records):
-        diffs.append(f"index has {len(index.records)} records, tar has {len(records)}")
     for n, (irec, rec) in enumerate(zip(index.records, records, strict=False)):
-        if len(irec.components) != len(rec.components):
-            diffs.append(f"record {n} ({rec.key}): {len(irec.components)} components in index, "
-                         f"{len(rec.components)} in tar")
-            continue
-        for comp, (ext, m) in zip(irec.components, rec.components, strict=False):
-            if comp.ext != ext or comp.offset != m.offset or comp.size != m.size or (
-                comp.name is not None and comp.name != m.name
-            ):
-                diffs.append(
-                    f"record {n} ({rec.key}): index says {comp.ext} {comp.offset} {comp.size} "
-                    f"{comp.name or ''}, tar has {ext} {m.offset} {m.size} {m.name}".rstrip()
-                )
-                break
-        if len(diffs) >= 20:
-            diffs.append("...")
-            break
+        why = _record_difference(irec, rec)
+        if why is not None:
+            diffs.append(f"record {n} ({rec.key}): {why}")
+            if len(diffs) >= limit:
+                diffs.append("...")
+                return diffs
+    have, want = len(index.records), len(records)
+    if have < want:
+        first = records[have].components[0][1]
+        diffs.append(f"index has {have} records, tar has {want}: {want - have} record(s) follow the last one it "
+                     f"lists (from {first.name!r} at byte {first.offset})" if not diffs else
+                     f"index has {have} records, tar has {want}")
+    elif have > want:
+        diffs.append(f"index has {have} records, tar has {want}")
     return diffs
+
+
+def _record_difference(irec: IndexRecord, rec: Record) -> str | None:
+    if len(irec.components) != len(rec.components):
+        return f"{len(irec.components)} components in index, {len(rec.components)} in tar"
+    for comp, (ext, m) in zip(irec.components, rec.components, strict=True):
+        if comp.ext != ext or comp.offset != m.offset or comp.size != m.size or (
+            comp.name is not None and comp.name != m.name
+        ):
+            return (f"index says {comp.ext} {comp.offset} {comp.size} {comp.name or ''}".rstrip()
+                    + f", tar has {ext} {m.offset} {m.size} {m.name}")
+    return None
+
+
+index_matches_members = index_differences  # the earlier name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,35 +315,6 @@ class IndexResult(NamedTuple):
     index_fingerprint: str | None
 
 
-def _spot_check(f, index: ShardIndex, shard_size: int) -> bool:
-    """Cheap freshness check of an existing index: the first, middle and last components must
-    sit inside the tar and be preceded by a header that agrees on size (and short names)."""
-    from curator_assets.tar_members import _nts, _number
-
-    comps = [c for r in index.records for c in r.components]
-    if not comps:
-        return False
-    picks = {0, len(comps) // 2, len(comps) - 1}
-    for i in picks:
-        c = comps[i]
-        if c.offset < 512 or c.offset % 512 or c.offset + c.size > shard_size:
-            return False
-        f.seek(c.offset - 512)
-        header = f.read(512)
-        if len(header) < 512:
-            return False
-        try:
-            size = _number(header[124:136])
-        except ValueError:
-            return False
-        if size != c.size:
-            return False
-        name = _nts(header[0:100]).decode("utf-8", "surrogateescape")
-        if c.name is not None and len(c.name) < 100 and not c.name.endswith(name):
-            return False
-    return True
-
-
 def ensure_index(
     dataset,
     key: str,
@@ -269,10 +324,11 @@ def ensure_index(
 ) -> IndexResult:
     """Build (or reuse) the ``.idx`` of one shard of ``dataset``.
 
-    Reuse rules, cheapest first: ``previous`` fingerprints (what the last run recorded) equal
-    to the current tar and index fingerprints; else an index newer than the tar whose spot
-    check passes (or, when the tar may have been rewritten after the index while keeping an
-    older mtime, that describes every record exactly). ``force`` always rebuilds. Raises
+    Reuse rules: ``previous`` fingerprints (what the last run recorded) equal to the current
+    tar and index fingerprints; else an existing index that describes the tar exactly
+    (:func:`index_differences` against a scan of every header; the data is never read).
+    Anything else (a deleted, duplicated or swapped line, a changed offset, ``wds2idx``'s
+    offsets for GNU long names, another shard's index) is rebuilt. ``force`` always rebuilds. Raises
     ``TarError``/``IndexFormatError``/``StorageError`` naming the shard.
     """
     import time
@@ -286,44 +342,29 @@ def ensure_index(
     idx_fp = fingerprint_of(idx_info) if idx_info else None
     idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
 
-    members = None
+    members = built = None
     if not force and idx_info is not None:
-        fresh = False
-        existing: ShardIndex | None = None
-        idx_time = modified_at(idx_info)
-        tar_info = shard.info or dataset.fs.info(shard.path)
-        try:
-            if previous and previous.get("tar_fingerprint"):
-                # What the last run recorded decides: an unchanged tar and index are reused, a
-                # changed tar is always re-indexed (store timestamps can be whole seconds).
-                fresh = previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp
-            elif idx_time is not None and idx_time >= (modified_at(tar_info) or 0):
-                existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
-                if idx_time >= _changed_at(tar_info):
-                    with dataset.open_shard(key) as f:
-                        fresh = _spot_check(f, existing, shard.size)
-                else:
-                    # The tar changed after the index while keeping an older mtime (rsync -a, cp -p,
-                    # a rename over it), or came with it in one download: a few spots cannot tell.
-                    with dataset.open_shard(key) as f:
-                        members = read_members(f, shard.url)
-                    fresh = not index_matches_members(existing, group_records(members))
-            if fresh and existing is None:
-                existing = parse_index(dataset.read_index_bytes(key) or b"", idx_url)
-        except IndexFormatError:
-            fresh = False
-        if fresh:
-            return IndexResult(
-                key, shard.url, idx_url, len(existing),
-                sum(len(r.components) for r in existing.records), shard.size,
-                time.perf_counter() - start, True, shard.fingerprint, idx_fp,
-            )
+        raw = dataset.read_index_bytes(key) or b""
+        counts: tuple[int, int] | None = None  # (records, components) of a reusable index
+        if previous and previous.get("tar_fingerprint"):
+            # What the last run recorded decides: an unchanged tar and index are reused, a
+            # changed tar is always re-indexed (store timestamps can be whole seconds).
+            if previous["tar_fingerprint"] == shard.fingerprint and previous.get("index_fingerprint") == idx_fp:
+                counts = _counts(raw, idx_url)
+        else:
+            # Every header is read (never the data): reuse only an index that describes the tar exactly.
+            with dataset.open_shard(key) as f:
+                members = read_members(f, shard.url)
+            counts, built = _describes(raw, idx_url, members)
+        if counts is not None:
+            return IndexResult(key, shard.url, idx_url, counts[0], counts[1], shard.size,
+                               time.perf_counter() - start, True, shard.fingerprint, idx_fp)
 
     if members is None:
         with dataset.open_shard(key) as f:
             members = read_members(f, shard.url)
     try:
-        data, n_records, n_components = index_bytes_of_members(members)
+        data, n_records, n_components = built or index_bytes_of_members(members)
     except IndexFormatError as exc:
         raise IndexFormatError(f"{shard.url}: {exc}") from None
     dataset.write_index(key, data)
@@ -335,10 +376,29 @@ def ensure_index(
     )
 
 
-def _changed_at(info: dict) -> float:
-    """When a shard last changed: its mtime, or its ctime (fsspec's local "created") when later.
-    A rewrite that restores an older mtime (``rsync -a``, ``cp -p``, an extracted archive) or a
-    rename over the shard leaves the mtime behind, never the ctime."""
-    created = info.get("created")
-    times = (modified_at(info), modified_at({"mtime": created}) if created is not None else None)
-    return max((t for t in times if t is not None), default=0.0)
+def _counts(raw: bytes, idx_url: str) -> tuple[int, int] | None:
+    try:
+        index = parse_index(raw, idx_url)
+    except IndexFormatError:
+        return None
+    return len(index), sum(len(r.components) for r in index.records)
+
+
+def _describes(raw: bytes, idx_url: str, members: list[Member]
+               ) -> tuple[tuple[int, int] | None, tuple[bytes, int, int] | None]:
+    """Whether an existing index describes the tar of ``members`` (its counts, or None), and the
+    index this tar gives, when it can be built. Byte-identical to it is the common case; any
+    other text (a v1.1 index, ``wds2idx``'s) is compared record by record."""
+    try:
+        built = index_bytes_of_members(members)
+    except IndexFormatError:
+        built = None
+    if built is not None and built[0] == raw:
+        return built[1:], built
+    try:
+        existing = parse_index(raw, idx_url)
+    except IndexFormatError:
+        return None, built
+    if index_differences(existing, group_records(members)):
+        return None, built
+    return (len(existing), sum(len(r.components) for r in existing.records)), built

@@ -13,6 +13,7 @@ member types carry data, so both always agree on offsets.
 from __future__ import annotations
 
 import gc
+import io
 import mmap
 import os
 import zlib
@@ -104,25 +105,71 @@ class TarScan:
 
 
 # ---------------------------------------------------------------------------------------------
-# Header fields
+# Header fields: the one set of rules every module uses to read a tar header.
+
+# The numeric fields tarfile (and so the webdataset library) parses, with their offsets.
+NUMERIC_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("size", 124, 136),
+                  ("mtime", 136, 148))
+_OCTAL = b"01234567"
+_PADDING = b" \0\t\n\r\x0b\x0c"
+# Everything a plain octal field holds; a header with any other byte in mode, uid, gid, size or
+# mtime takes the exact path. A translation table and one compare: the cheapest check in C.
+_FIELD_BYTE_CLASS = bytes(0 if c in _OCTAL + b" \0" else 1 for c in range(256))
+_PLAIN_FIELDS = bytes(148 - 100)
+MAX_EXTENDED_HEADER = 16 << 20  # a PAX or long-name header larger than this is damage, not a name
 
 
-def _nts(field_bytes: bytes) -> bytes:
-    """Null-terminated string field."""
+def nts(field_bytes: bytes) -> bytes:
+    """A null-terminated string field, up to its first NUL."""
     return field_bytes.partition(b"\0")[0]
 
 
-def _number(field_bytes: bytes) -> int:
-    """A numeric header field: octal text, or GNU base-256 when the high bit is set."""
-    if field_bytes and field_bytes[0] & 0x80:
+def parse_number(field_bytes: bytes) -> int:
+    """A numeric header field, as tarfile reads it: GNU base-256 when the first byte is 0x80
+    (0xFF: negative), else octal digits up to the first NUL, padded with spaces. Anything else
+    raises ``ValueError`` (tarfile stops reading the archive there)."""
+    if field_bytes[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field_bytes[1:], "big")
         if field_bytes[0] == 0xFF:  # negative base-256
             value -= 1 << (8 * (len(field_bytes) - 1))
         return value
-    text = _nts(field_bytes).strip(b" \0")
-    if not text:
-        return 0
-    return int(text, 8)
+    text = nts(field_bytes).strip(_PADDING)
+    if text.translate(None, _OCTAL):
+        raise ValueError(f"not an octal number: {field_bytes!r}")
+    return int(text, 8) if text else 0
+
+
+def numeric_problem(header: bytes) -> str | None:
+    """Why the numeric fields of a header are unreadable (None: they are fine). A negative size
+    is refused: it would send a reader backwards."""
+    for what, start, end in NUMERIC_FIELDS:
+        try:
+            value = parse_number(header[start:end])
+        except ValueError:
+            return f"unreadable {what} field {bytes(header[start:end])!r}"
+        if what == "size" and value < 0:
+            return f"negative size ({value})"
+    return None
+
+
+def header_size(header: bytes) -> int | None:
+    """The size field of a header, or None when it is unreadable or negative."""
+    try:
+        size = parse_number(header[124:136])
+    except ValueError:
+        return None
+    return size if size >= 0 else None
+
+
+def header_name(header: bytes) -> str:
+    """The name a ustar/GNU header itself holds (the POSIX prefix joined on). Only the name
+    when no PAX ``path`` or GNU long-name record precedes the header: see :func:`member_at`."""
+    raw = nts(header[0:100])
+    if header[257:263] == b"ustar\x00":
+        prefix = nts(header[345:500])
+        if prefix:
+            raw = prefix + b"/" + raw
+    return _decode_name(raw)
 
 
 _CHKSUM_BLANK = b" " * 8
@@ -130,7 +177,9 @@ _ADLER_MOD = 65521
 _adler32 = zlib.adler32
 
 
-def _checksum_ok(header: bytes) -> bool:
+def checksum_ok(header: bytes) -> bool:
+    """The header checksum rule: the unsigned (or, as old tars wrote it, signed) byte sum with
+    the checksum field read as blanks."""
     # Hot path (one call per member): Adler-32's low half is 1 + the byte sum mod 65521,
     # computed in C. For ustar/GNU headers we accept a match of the sum modulo 65521, which
     # with the magic check is as strong as needed to tell a header from payload, and 10x
@@ -148,7 +197,7 @@ def _checksum_ok(header: bytes) -> bool:
 
 def _checksum_exact(header: bytes) -> bool:
     try:
-        stored = _number(header[148:156])
+        stored = parse_number(header[148:156])
     except ValueError:
         return False
     blanked = header[:148] + _CHKSUM_BLANK + header[156:]
@@ -165,26 +214,28 @@ def _decode_name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _parse_pax(data: bytes) -> dict[str, str]:
-    """PAX extended header records: ``"<len> <key>=<value>\\n"``."""
+def _parse_pax(data: bytes) -> tuple[dict[str, str], str | None]:
+    """PAX extended header records, ``"<len> <key>=<value>\\n"``, and why they stop early (None
+    when they do not). The records before a damaged one are kept, as tarfile keeps them: each
+    record's length delimits it, so damage cannot reach back into the ones before."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
         if data[pos] == 0:
             break
         space = data.find(b" ", pos)
-        if space < 0:
-            raise ValueError("PAX record without a length")
-        length = int(data[pos:space])
-        if length <= 0 or pos + length > len(data):
-            raise ValueError("PAX record length out of range")
-        record = data[space + 1 : pos + length - 1]  # without the trailing newline
-        key, sep, value = record.partition(b"=")
+        digits = data[pos:space] if space >= 0 else b""
+        if not digits.isdigit():
+            return records, f"record at byte {pos} has no length"
+        length = int(digits)
+        if length <= space - pos + 1 or pos + length > len(data) or data[pos + length - 1] != 0x0A:
+            return records, f"record at byte {pos} has a length out of range ({length})"
+        key, sep, value = data[space + 1 : pos + length - 1].partition(b"=")
         if not sep:
-            raise ValueError("PAX record without '='")
+            return records, f"record at byte {pos} has no '='"
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
-    return records
+    return records, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +410,10 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
         t = header[156]
         if t not in _PLAIN_TYPES or header[135] not in (0, 32) or header[154] not in (0, 32):
             return pos
+        # mode, uid, gid, size, mtime: plain octal or the exact path (int() alone would take a
+        # sign, an underscore or inner spaces, and a negative size would send the scan back).
+        if header[100:148].translate(_FIELD_BYTE_CLASS) != _PLAIN_FIELDS:
+            return pos
         try:
             stored = int(header[148:154], 8)
             size = int(header[124:135], 8)
@@ -392,175 +447,196 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
 _TYPE_CHARS = {t: chr(t) for t in _PLAIN_TYPES}
 
 
-def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[Member | TarProblem]:
-    read_at = reader.read_at
+class _ScanState:
+    """What a scan carries from one header to the next: extension records waiting for their member."""
+
+    __slots__ = ("pending_name", "pending_pax", "global_pax", "global_changes_members", "first_header", "seen_any")
+
+    def __init__(self) -> None:
+        self.pending_name: str | None = None
+        self.pending_pax: dict[str, str] = {}
+        self.global_pax: dict[str, str] = {}
+        self.global_changes_members = False
+        self.first_header: int | None = None
+        self.seen_any = False
+
+    @property
+    def plain(self) -> bool:
+        return self.pending_name is None and not self.pending_pax and not self.global_changes_members
+
+    def reset(self) -> None:
+        self.pending_name, self.pending_pax, self.first_header = None, {}, None
+
+
+def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[list[Member] | Member | TarProblem]:
     base = reader.pos
     if total_size is None:
         total_size = reader.size()
         if total_size is not None:
             total_size -= base
     pos = 0  # relative to base
-    pending_name: str | None = None
-    pending_pax: dict[str, str] = {}
-    global_pax: dict[str, str] = {}
-    global_changes_members = False
-    first_header: int | None = None
-    seen_any = False
-
+    st = _ScanState()
     while True:
-        if pending_name is None and not pending_pax and not global_changes_members:
+        if st.plain:
             batch: list[Member] = []
             pos = _plain_run(reader, base, pos, total_size, batch)
             if batch:
-                seen_any = True
+                st.seen_any = True
                 yield batch
-        header = read_at(base + pos, BLOCK)
-        magic = header[257:263]
-        if magic == b"ustar\x00" or magic == b"ustar ":
-            # Hot path, inlined from _checksum_ok(): see there for why the sum is taken mod 65521.
-            try:
-                stored = int(header[148:155].strip(b" \0") or b"0", 8)
-                good = ((_adler32(header) & 0xFFFF) + 255 - sum(header[148:156]) - stored) % _ADLER_MOD == 0
-            except ValueError:
-                good = False
-            problem = None if good or _checksum_exact(header) else "checksum mismatch"
-        elif len(header) < BLOCK:
-            if not header and not seen_any and pos == 0:
-                yield TarProblem("tar_truncated", pos, "file is empty (no tar end blocks)")
-            else:
-                what = "mid-header" if header else "without the two zero end-of-archive blocks"
-                yield TarProblem("tar_truncated", pos, f"archive ends {what}")
-            return
-        elif header == ZERO_BLOCK:
-            nxt = reader.read_at(base + pos + BLOCK, BLOCK)
-            if nxt == ZERO_BLOCK:
-                if pending_name is not None or pending_pax:
-                    yield TarProblem("tar_bad_header", pos, "long-name/PAX header with no member after it")
+        header = reader.read_at(base + pos, BLOCK)
+        if len(header) < BLOCK or header == ZERO_BLOCK:
+            step = yield from _at_end_or_hole(reader, base, pos, header, total_size, recover, st)
+            if step is None:
                 return
-            if len(nxt) < BLOCK and not nxt:
-                # A single zero block then EOF: GNU tar and tarfile accept it; so do we.
-                return
-            if len(nxt) < BLOCK:
-                yield TarProblem("tar_truncated", pos, "archive ends inside the end-of-archive blocks")
-                return
-            # A lone zero block in the middle: tarfile stops here; report it so nothing hides.
-            yield TarProblem("tar_bad_header", pos, "zero block in the middle of the archive")
-            if not recover:
-                return
-            pos += BLOCK
+            pos = step
             continue
-        else:
-            problem = _check_header(header)
-
+        problem = check_header(header)
         if problem is not None:
-            if not seen_any and pos == 0:
-                why = _compressed_hint(header) or f"first header is invalid: {problem}"
-                detail = f"not a tar archive ({why})"
-            else:
-                detail = f"invalid header: {problem}"
-            yield TarProblem("tar_bad_header", pos, detail)
-            if not recover:
-                return
-            found = _resync(reader, base, pos + BLOCK, total_size)
+            yield _bad_header(header, pos, problem, st)
+            found = _resync(reader, base, pos + BLOCK, total_size) if recover else None
             if found is None:
                 return
             pos = found
-            pending_name, pending_pax = None, {}
-            first_header = None
+            st.reset()
             continue
-
-        seen_any = True
-        if first_header is None:
-            first_header = pos
-        typeflag = chr(header[156])
-        try:
-            # Fast path: 11 octal digits and a terminator; base-256 and odd padding go the long way.
-            size = int(header[124:135], 8) if header[135] in (0, 32) else _number(header[124:136])
-        except ValueError:
-            try:
-                size = _number(header[124:136])
-            except ValueError:
-                yield TarProblem("tar_bad_header", pos, "unreadable size field")
-                return
-        data_offset = pos + BLOCK
-
-        if typeflag in (GNU_LONGNAME, GNU_LONGLINK, PAX_HEADER, PAX_GLOBAL):
-            data = reader.read_at(base + data_offset, size)
-            if len(data) < size:
-                yield TarProblem("tar_truncated", data_offset, "archive ends inside an extended header")
-                return
-            if typeflag == GNU_LONGNAME:
-                pending_name = _decode_name(_nts(data))
-            elif typeflag == PAX_HEADER or typeflag == PAX_GLOBAL:
-                try:
-                    records = _parse_pax(data)
-                except ValueError as exc:
-                    yield TarProblem("tar_bad_header", pos, f"bad PAX header: {exc}")
-                    if not recover:
-                        return
-                    records = {}
-                if typeflag == PAX_HEADER:
-                    pending_pax.update(records)
-                else:
-                    global_pax.update(records)
-                    global_changes_members = not MEMBER_PAX_KEYS.isdisjoint(global_pax)
-                    if pending_name is None and not pending_pax:
-                        first_header = None  # the archive's header, not the next member's (as tarfile)
-            pos = data_offset + _blocks(size)
-            continue
-
-        # A real member header.
-        pax = {**global_pax, **pending_pax} if (pending_pax or global_pax) else None
-        if pending_name is not None:
-            name = pending_name
-        elif pax and "GNU.sparse.name" in pax:  # GNU's PAX sparse formats: "path" is a placeholder
-            name = pax["GNU.sparse.name"]
-        elif pax and "path" in pax:
-            name = pax["path"]
+        st.seen_any = True
+        if st.first_header is None:
+            st.first_header = pos
+        size = parse_number(header[124:136])  # check_header() proved it readable and >= 0
+        if chr(header[156]) in (GNU_LONGNAME, GNU_LONGLINK, PAX_HEADER, PAX_GLOBAL):
+            step = yield from _extension(reader, base, pos, header, size, total_size, recover, st)
         else:
-            raw = _nts(header[0:100])
-            if header[257:263] == b"ustar\x00":  # POSIX ustar: name may have a prefix
-                prefix = _nts(header[345:500])
-                if prefix:
-                    raw = prefix + b"/" + raw
-            try:
-                name = raw.decode()
-            except UnicodeDecodeError:
-                name = _decode_name(raw)
-        sparse = typeflag == GNU_SPARSE
-        if pax:
-            if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    yield TarProblem("tar_bad_header", pos, "bad PAX size")
-                    return
-            sparse = sparse or any(k in pax for k in PAX_SPARSE_KEYS)
-        if typeflag == "\x00" and name.endswith("/"):
-            typeflag = "5"  # a pre-POSIX directory, as tarfile and GNU tar read it
-        if typeflag == "5" and len(name) > 1:
-            name = name.rstrip("/")  # as tarfile reports directories
-        # GNU old-style sparse headers may be followed by extension blocks.
-        ext_blocks = 0
-        if typeflag == GNU_SPARSE and header[482]:
-            ext_blocks = _gnu_sparse_ext_blocks(reader, base, data_offset)
-            data_offset += ext_blocks * BLOCK
-        if typeflag in NO_DATA_TYPES:
-            end = data_offset
-        else:
-            end = data_offset + ((size + 511) & -512)
-        if total_size is not None and data_offset + size > total_size and typeflag not in NO_DATA_TYPES:
-            yield Member(name, first_header, data_offset, size, typeflag, sparse)
-            yield TarProblem(
-                "tar_truncated", data_offset,
-                f"archive ends inside member {name!r} ({total_size - data_offset} of {size} bytes)",
-            )
+            step = yield from _member(reader, base, pos, header, size, total_size, st)
+        if step is None:
             return
-        yield Member(name, first_header, data_offset, size, typeflag, sparse)
-        if pending_pax:
-            pending_pax = {}
-        pending_name, first_header = None, None
-        pos = end
+        pos = step
+
+
+def _bad_header(header: bytes, pos: int, problem: str, st: _ScanState) -> TarProblem:
+    if not st.seen_any and pos == 0:
+        why = _compressed_hint(header) or f"first header is invalid: {problem}"
+        return TarProblem("tar_bad_header", pos, f"not a tar archive ({why})")
+    return TarProblem("tar_bad_header", pos, f"invalid header: {problem}")
+
+
+def _at_end_or_hole(reader: _Reader, base: int, pos: int, header: bytes, total_size: int | None, recover: bool,
+                    st: _ScanState) -> Iterator[TarProblem]:
+    """A short block (the file ends) or a zero block (the end of the archive, or a hole).
+    Returns where to go on, or None at the end. Like GNU tar ``-i``, the scan looks past zero
+    blocks: members after them (an interrupted copy's zero-filled stretch, a second archive
+    appended) are reported as a ``tar_hole``, never silently dropped."""
+    if len(header) < BLOCK:
+        if not header and not st.seen_any and pos == 0:
+            yield TarProblem("tar_truncated", pos, "file is empty (no tar end blocks)")
+        else:
+            what = "mid-header" if header else "without the two zero end-of-archive blocks"
+            yield TarProblem("tar_truncated", pos, f"archive ends {what}")
+        return None
+    nxt = reader.read_at(base + pos + BLOCK, BLOCK)
+    if nxt != ZERO_BLOCK:
+        if not nxt:
+            return None  # a single zero block then EOF: GNU tar and tarfile accept it; so do we
+        if len(nxt) < BLOCK:
+            yield TarProblem("tar_truncated", pos, "archive ends inside the end-of-archive blocks")
+            return None
+    elif st.pending_name is not None or st.pending_pax:
+        yield TarProblem("tar_bad_header", pos, "long-name/PAX header with no member after it")
+        return None
+    found = _resync(reader, base, pos + BLOCK, total_size)
+    if found is None:
+        if nxt != ZERO_BLOCK:
+            yield TarProblem("tar_bad_header", pos, "zero block in the middle of the archive")
+        return None
+    yield TarProblem(
+        "tar_hole", pos,
+        f"{found - pos} zero or unreadable bytes where a header should be, then more members from byte {found} "
+        "(an interrupted copy, or archives appended): readers stop at the zeros and never see them",
+    )
+    if not recover:
+        return None
+    st.reset()
+    return found
+
+
+def _extension(reader: _Reader, base: int, pos: int, header: bytes, size: int, total_size: int | None,
+               recover: bool, st: _ScanState) -> Iterator[TarProblem]:
+    """A GNU long-name/long-link or PAX header: its records wait for the member they describe."""
+    data_offset = pos + BLOCK
+    if size > MAX_EXTENDED_HEADER:
+        yield TarProblem("tar_bad_header", pos, f"extended header of {size} bytes")
+        return None
+    if total_size is not None and data_offset + size > total_size:
+        yield TarProblem("tar_truncated", data_offset, "archive ends inside an extended header")
+        return None
+    data = reader.read_at(base + data_offset, size)
+    if len(data) < size:
+        yield TarProblem("tar_truncated", data_offset, "archive ends inside an extended header")
+        return None
+    typeflag = chr(header[156])
+    if typeflag == GNU_LONGNAME:
+        # GNU tar and tarfile read the name up to its NUL in the padded blocks, not up to the size.
+        st.pending_name = _decode_name(nts(data + reader.read_at(base + data_offset + size, _blocks(size) - size)))
+    elif typeflag in (PAX_HEADER, PAX_GLOBAL):
+        records, damage = _parse_pax(data)
+        if damage is not None:
+            yield TarProblem("tar_bad_header", pos, f"bad PAX header: {damage}")
+            if not recover:
+                return None
+        if typeflag == PAX_HEADER:
+            st.pending_pax.update(records)
+        else:
+            st.global_pax.update(records)
+            st.global_changes_members = not MEMBER_PAX_KEYS.isdisjoint(st.global_pax)
+            if st.pending_name is None and not st.pending_pax:
+                st.first_header = None  # the archive's header, not the next member's (as tarfile)
+    return data_offset + _blocks(size)
+
+
+def _member_name(header: bytes, pax: dict[str, str] | None, st: _ScanState) -> str:
+    if st.pending_name is not None:
+        return st.pending_name
+    if pax and "GNU.sparse.name" in pax:  # GNU's PAX sparse formats: "path" is a placeholder
+        return pax["GNU.sparse.name"]
+    if pax and "path" in pax:
+        return pax["path"]
+    return header_name(header)
+
+
+def _member(reader: _Reader, base: int, pos: int, header: bytes, size: int, total_size: int | None,
+            st: _ScanState) -> Iterator[Member | TarProblem]:
+    """A real member header, with the extension records before it applied."""
+    typeflag = chr(header[156])
+    pax = {**st.global_pax, **st.pending_pax} if (st.pending_pax or st.global_pax) else None
+    name = _member_name(header, pax, st)
+    sparse = typeflag == GNU_SPARSE
+    if pax:
+        if "size" in pax:
+            value = pax["size"]
+            if not (value.isascii() and value.isdigit()):
+                yield TarProblem("tar_bad_header", pos, f"bad PAX size {value[:40]!r}")
+                return None
+            size = int(value)
+        sparse = sparse or any(k in pax for k in PAX_SPARSE_KEYS)
+    if typeflag == "\x00" and name.endswith("/"):
+        typeflag = "5"  # a pre-POSIX directory, as tarfile and GNU tar read it
+    if typeflag == "5" and len(name) > 1:
+        name = name.rstrip("/")  # as tarfile reports directories
+    data_offset = pos + BLOCK
+    if typeflag == GNU_SPARSE and header[482]:  # old-style sparse headers: extension blocks follow
+        data_offset += _gnu_sparse_ext_blocks(reader, base, data_offset) * BLOCK
+    member = Member(name, st.first_header, data_offset, size, typeflag, sparse)
+    st.pending_pax = {} if st.pending_pax else st.pending_pax
+    st.pending_name, st.first_header = None, None
+    yield member
+    if typeflag in NO_DATA_TYPES:
+        return data_offset
+    if total_size is not None and data_offset + size > total_size:
+        yield TarProblem(
+            "tar_truncated", data_offset,
+            f"archive ends inside member {name!r} ({total_size - data_offset} of {size} bytes)",
+        )
+        return None
+    return data_offset + _blocks(size)
 
 
 def _gnu_sparse_ext_blocks(reader: _Reader, base: int, offset: int) -> int:
@@ -585,15 +661,28 @@ def _compressed_hint(header: bytes) -> str | None:
     return None
 
 
-def _check_header(header: bytes) -> str | None:
-    """None if the block is a plausible tar header, else why not."""
-    if not _checksum_ok(header):
+def check_header(header: bytes) -> str | None:
+    """None if the block is a readable tar header, else why not: the checksum and the numeric
+    fields tarfile parses (mode, uid, gid, size, mtime). A header whose format magic is neither
+    ustar nor GNU is read as a pre-POSIX (v7) one, as tarfile, GNU tar and bsdtar all read it."""
+    if len(header) < BLOCK:
+        return "a short block"
+    if not checksum_ok(header):
         return "checksum mismatch"
-    magic = header[257:263]
-    # Pre-POSIX (v7) headers have an empty magic field; anything else is not a tar header.
-    if magic not in (b"ustar\x00", b"ustar ") and magic != b"\0" * 6:
-        return f"unknown format magic {magic!r}"
-    return None
+    return numeric_problem(header)
+
+
+def member_at(headers: bytes, base: int = 0) -> Member | TarProblem:
+    """The member whose headers (its PAX/long-name headers, if any, then its own) start
+    ``headers``: its real name and size, offsets counted from ``base``. For checking that the
+    member an index names is at its offset without trusting the ustar name field (tarfile
+    writes ``?`` there for each non-ASCII character of a PAX-named member)."""
+    scan = scan_tar(io.BytesIO(headers))
+    for m in scan.members:
+        return Member(m.name, m.header_offset + base, m.offset + base, m.size, m.type, m.sparse)
+    if scan.problems:
+        return scan.problems[0]
+    return TarProblem("tar_bad_header", base, "no member header there")
 
 
 def _resync(reader: _Reader, base: int, start: int, total_size: int | None) -> int | None:
@@ -605,13 +694,16 @@ def _resync(reader: _Reader, base: int, start: int, total_size: int | None) -> i
         if not chunk:
             return None
         for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
-            block = chunk[i : i + BLOCK]
-            if block[257:262] == b"ustar" and _check_header(block) is None:
+            if chunk[i + 257 : i + 262] == b"ustar" and check_header(chunk[i : i + BLOCK]) is None:
                 return pos + i
         if len(chunk) < window:
             return None
         pos += window
     return None
+
+
+# The names other modules used before the public API (kept for their callers).
+_nts, _number, _check_header, _checksum_ok = nts, parse_number, check_header, checksum_ok
 
 
 def scan_tar(fileobj: BinaryIO, *, recover: bool = False, total_size: int | None = None) -> TarScan:

@@ -38,10 +38,11 @@ from typing import Any, BinaryIO, NamedTuple
 
 from curator_assets import schema
 from curator_assets.index import (
-    INDEX_VERSION,
     IndexFormatError,
     build_index_bytes,
-    index_matches_members,
+    index_differences,
+    index_tokens,
+    is_index_of_fields,
     parse_index,
 )
 from curator_assets.sniff import (
@@ -78,6 +79,8 @@ CODES: dict[str, tuple[str, str]] = {
     "tar_truncated": (ERROR, "the tar ends mid-member or lacks its end-of-archive blocks"),
     "tar_bad_header": (ERROR, "a header with a bad checksum or format"),
     "not_a_tar": (ERROR, "not a tar archive at all: a compressed archive, a Git LFS pointer, text"),
+    "tar_hole": (ERROR, "zero blocks (or bytes that are no header) at a member boundary with members after them: "
+                 "readers stop there; the records after it are still listed"),
     "unsupported_member": (ERROR, "a hard link, symlink, device, fifo, sparse file or other non-regular member"),
     "no_records": (ERROR, "a readable tar without a single record"),
     "shard_unreadable": (ERROR, "the shard cannot be listed, opened or read"),
@@ -598,7 +601,7 @@ def _check_index(index_bytes: bytes, records: list[Record], out: _Collector) -> 
     except IndexFormatError as exc:
         out.add("idx_unreadable", str(exc))
         return "unreadable"
-    diffs = index_matches_members(index, records)
+    diffs = index_differences(index, records)
     if diffs:
         shown = "; ".join(diffs[:3]) + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else "")
         out.add("idx_stale", f"the .idx does not describe this tar: {shown}")
@@ -689,7 +692,9 @@ def _fast_validate(
     block_before_next = table[1:, :BLOCK]
     offsets = header_at[:n] + BLOCK
 
-    # 2. Headers: ustar/GNU magic, plain files or directories, octal fields, checksums.
+    # 2. Headers: ustar/GNU magic, plain files or directories, octal fields, checksums. A
+    # vectorised form of tar_members' rules for the common case only: whatever it cannot prove
+    # clean is judged by the scanner (tar_members.check_header) in the precise pass.
     if not (hdr[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all():
         return None
     version = hdr[:, 262]
@@ -701,6 +706,12 @@ def _fast_validate(
         return None
     if (size_arr[is_dir] != 0).any():  # readers skip no data for a directory, whatever its size says
         return None
+    # mode, uid, gid and mtime: plain octal (anything else is the precise pass's to judge).
+    numeric = np.concatenate([hdr[:, 100:124], hdr[:, 136:148]], 1)
+    if not (((numeric >= 48) & (numeric <= 55)) | (numeric == 0) | (numeric == 32)).all():
+        return None
+    if not _zero_tail(fd, int(header_at[-1]) + 2 * BLOCK, total_size):
+        return None  # members after the end blocks (a hole), or bytes there: the precise pass says which
     digits = hdr[:, 124:135]
     if not ((digits >= 48) & (digits <= 55)).all():
         return None
@@ -796,7 +807,7 @@ def _fast_validate(
         ext = np.where(take < f_len[:, None], np.take_along_axis(fnames, take, 1), 0)
         ext_list = np.ascontiguousarray(ext).view("S16").ravel().tolist()
         per_record = np.diff(np.append(np.flatnonzero(starts), files.size))
-        if not _index_is_exact(index_bytes, index_tokens, ext_list, offsets[files], size_arr[files], name_list,
+        if not is_index_of_fields(index_bytes, index_tokens, ext_list, offsets[files], size_arr[files], name_list,
                                (f_len - first_dot - 1) + f_len, per_record):
             return None
         report.index = "fresh"
@@ -898,6 +909,17 @@ def _fast_validate(
     return report
 
 
+def _zero_tail(fd: int, start: int, total_size: int) -> bool:
+    """Whether everything from ``start`` to the end of the file is zeros (the end blocks' padding)."""
+    pos = start
+    while pos < total_size:
+        chunk = os.pread(fd, min(total_size - pos, 1 << 20), pos)
+        if not chunk or chunk.count(0) != len(chunk):
+            return bool(not chunk and pos >= total_size)
+        pos += len(chunk)
+    return True
+
+
 # Rows: (joined bytes, rows as an (n + 1, 1536) array, where each row starts in the bytes,
 # header positions, member sizes).
 _RowsResult = tuple[bytes, Any, Any, Any, Any]
@@ -940,6 +962,8 @@ def _rows_by_walking(fd: int, total_size: int) -> _RowsResult | None:
             size = int(chunk[i + 124 : i + 135], 8)
         except ValueError:
             return None
+        if size < 0:  # int() takes a sign: a negative size would walk back, or stay put, forever
+            return None
         add_pos(pos)
         add_size(size)
         pos += 512 + ((size + 511) & -512)
@@ -961,12 +985,11 @@ def _rows_from_index(fd: int, index_bytes: bytes, total_size: int) -> _RowsResul
     later. None when the hint does not hold (a stale index, or members it does not list)."""
     import numpy as np
 
-    newline = index_bytes.find(b"\n")
-    head = index_bytes[:newline].split(b" ")
-    if len(head) != 2 or head[0] not in (b"v1.1", b"v1.2"):
+    seen = index_tokens(index_bytes)
+    if seen is None:
         return None
-    width = 4 if head[0] == b"v1.2" else 3
-    tokens = index_bytes[newline + 1 :].split()
+    version, tokens = seen
+    width = 4 if version == "v1.2" else 3
     if not tokens or len(tokens) % width:
         return None
     try:
@@ -1004,44 +1027,6 @@ def _rows_from_index(fd: int, index_bytes: bytes, total_size: int) -> _RowsResul
     if not chained.all() or (rows[-1, BLOCK:] != 0).any():
         return None
     return buf, rows, starts_in_buf, header_at, sizes, tokens if width == 4 else None
-
-
-def _digits(values):
-    """Decimal digits of non-negative integers (0 has one)."""
-    import numpy as np
-
-    return np.searchsorted(10 ** np.arange(1, 19, dtype=np.int64), values, side="right") + 1
-
-
-def _index_is_exact(index_bytes: bytes, tokens: list[bytes] | None, exts: list[bytes], offsets, sizes,
-                    names: list[bytes], text_len, per_record) -> bool:
-    """Whether ``index_bytes`` is byte for byte the v1.2 index of these members (``text_len``:
-    the length of each member's extension plus its name; ``per_record``: components per
-    record). Compares fields rather than formatting the whole text: every token must equal
-    the member's field, and the only other bytes must be one space between fields and one
-    newline after each record."""
-    import numpy as np
-
-    newline = index_bytes.find(b"\n")
-    n_records, m = per_record.size, len(names)
-    if index_bytes[:newline] != b"%s %d" % (INDEX_VERSION.encode(), n_records):
-        return False
-    body = index_bytes[newline + 1 :]
-    if tokens is None:
-        tokens = body.split()
-    if len(tokens) != 4 * m or tokens[3::4] != names or tokens[0::4] != exts:
-        return False
-    expected = np.concatenate([offsets, sizes]).tolist()
-    if b" ".join(tokens[1::4] + tokens[2::4]) != " ".join(map(str, expected)).encode():
-        return False
-    digits = _digits(offsets) + _digits(sizes)
-    token_len = int(text_len.sum() + digits.sum())
-    if len(body) != token_len + 4 * m or body.count(b"\n") != n_records or body.count(b" ") != 4 * m - n_records:
-        return False
-    # Each newline ends a record: at the cumulative length of the records' lines.
-    member_len = text_len + digits + 4  # its four fields and the separator after each
-    record_end = np.cumsum(np.add.reduceat(member_len, np.cumsum(per_record) - per_record)) - 1
-    return bool((np.frombuffer(body, np.uint8)[record_end] == 10).all())
 
 
 def _table(chunks: list[bytes], starts_in_buf) -> tuple[bytes, Any]:

@@ -295,9 +295,15 @@ def bad_checksum_image(root, photos):
 
 
 @case()
-def bad_magic(root, photos):
-    # The ustar magic overwritten with junk (checksum recomputed): a header no tar reader accepts.
-    return _damaged_header(root, photos, "bad_magic", 5, 257, b"NOTAR\0", fix=True)
+def foreign_magic(root, photos):
+    # The ustar magic overwritten with junk (checksum recomputed): tarfile, GNU tar and bsdtar all
+    # read such a header as a pre-POSIX one, and so do we. Nothing to report.
+    path = _target(root, "foreign_magic")
+    write_tar(path, shard_members(photos, N))
+    data = bytearray(path.read_bytes())
+    set_header_field(data, layout(path)[5].offset, 257, b"NOTAR\0", fix_checksum=True)
+    path.write_bytes(bytes(data))
+    return Case("foreign_magic", path, Counter(), N)
 
 
 @case()
@@ -324,7 +330,43 @@ def zero_block_inside(root, photos):
     data = path.read_bytes()
     at = members[9].offset
     path.write_bytes(data[:at] + bytes(512) + data[at:])
-    return Case("zero_block_inside", path, Counter(tar_bad_header=1), N)
+    return Case("zero_block_inside", path, Counter(tar_hole=1), N)
+
+
+@case()
+def garbage_mode_field(root, photos):
+    # Text in the mode field (checksum recomputed): tarfile and the webdataset library stop there.
+    return _damaged_header(root, photos, "garbage_mode_field", 4, 100, b"rw-r--r\0", fix=True)
+
+
+@case()
+def garbage_mtime_field(root, photos):
+    return _damaged_header(root, photos, "garbage_mtime_field", 8, 136, b"yesterday\0\0\0", fix=True)
+
+
+@case()
+def negative_size(root, photos):
+    # A base-256 size of -2 (checksum recomputed): a reader that believes it steps backwards forever.
+    return _damaged_header(root, photos, "negative_size", 5, 124, b"\xff" * 11 + b"\xfe", fix=True)
+
+
+@case()
+def negative_size_text(root, photos):
+    # An octal size of -1000 (checksum recomputed): one step of -512 blocks plus the header's
+    # own block leaves a reader that believes it on the same header forever.
+    return _damaged_header(root, photos, "negative_size_text", 5, 124, b"-0000001750\0", fix=True)
+
+
+@case()
+def zero_filled_hole(root, photos):
+    # An interrupted copy: 8 KiB of zeros where record 3 starts, then the rest of the shard.
+    path = _target(root, "zero_filled_hole")
+    write_tar(path, shard_members(photos, N))
+    members = layout(path)
+    data = path.read_bytes()
+    at = members[9].offset
+    path.write_bytes(data[:at] + bytes(8192) + data[at:])
+    return Case("zero_filled_hole", path, Counter(tar_hole=1), N)
 
 
 @case()

@@ -173,9 +173,12 @@ def build_corpus(root: Path, photos: list[PhotoRecord]) -> dict[str, Case]:
     single = root / "single_end_block.tar"
     single.write_bytes(base[:-512])
     add("single_end_block", single)
-    concatenated = root / "concatenated.tar"
-    concatenated.write_bytes(base + gnu_tar(root / "other.tar", v7, "--format=ustar").read_bytes())
-    add("concatenated", concatenated)
+
+    # bsdtar (libarchive), every tar format it writes, with "./" names and folders as members.
+    for fmt, src, files in (("ustar", short, tree(photos, longest=255)), ("pax", full, tree(photos)),
+                            ("gnutar", full, tree(photos)), ("v7", v7, tree(photos, longest=99, unicode=False)),
+                            ("default", full, tree(photos))):
+        add(f"bsdtar_{fmt}", bsdtar(root / f"bsdtar_{fmt}.tar", src, files, fmt), wds2idx_ok=fmt != "gnutar")
 
     # Python's tarfile, every format; PAX headers carrying what ustar fields cannot hold.
     members = tree(photos)
@@ -206,11 +209,76 @@ def build_corpus(root: Path, photos: list[PhotoRecord]) -> dict[str, Case]:
     add("tarfile_pax_records", tarfile_tar(root / "tarfile_pax_records.tar", members, tarfile.PAX_FORMAT,
                                            edit=pax_records))
 
+    # The webdataset library's writers with their defaults: PAX headers on every member, the
+    # ustar name field '?'-replaced for non-ASCII keys, long keys, extensions in any case.
+    add("webdataset_tarwriter", webdataset_tar(root / "webdataset_tarwriter.tar", wds_samples(photos)))
+    add("webdataset_shardwriter", webdataset_shards(root / "wds-shards", wds_samples(photos))[0])
+
     # Headers as other writers make them, by byte surgery on tarfile's output.
     add("pre_posix", pre_posix(root / "pre_posix.tar", tree(photos, longest=99)))
     odd = [*tree(photos, longest=99), ("back\\slash.jpg", photos[8].jpg), ("back\\slash.txt", b"a backslash")]
     add("odd_numeric_fields", odd_numeric_fields(root / "odd_numeric_fields.tar", odd), wds2idx_ok=False)
     return cases
+
+
+def bsdtar(out: Path, src: Path, files: list[tuple[str, bytes]], fmt: str) -> Path:
+    """bsdtar given every folder and file as "./name", in the order of ``files`` (it does not sort)."""
+    names: list[str] = []
+    for name, _ in files:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            folder = "./" + "/".join(parts[:i])
+            if folder not in names:
+                names.append(folder)
+        names.append("./" + name)
+    options = [] if fmt == "default" else [f"--format={fmt}"]
+    done = subprocess.run([bsdtar_command(), *options, "-n", "-cf", str(out), "-C", str(src), *names],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def bsdtar_command() -> str:
+    found = shutil.which("bsdtar")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("bsdtar is missing (.ci/run installs Debian's libarchive-tools)")
+        pytest.skip("bsdtar is not installed (apt-get install libarchive-tools)")
+    return found
+
+
+def wds_samples(photos: list[PhotoRecord]) -> list[dict]:
+    """Samples as users hand them to the webdataset library: non-ASCII and long keys (over the
+    100 bytes of a ustar name), mixed-case extensions, values it encodes itself."""
+    p = photos
+    return [
+        {"__key__": "ünïcode/日本-000001", "jpg": p[0].jpg, "txt": "a caption ✓", "json": {"ü": 1}},
+        {"__key__": "000002", "JPG": p[1].jpg, "Txt": "upper-case extensions", "cls": 3},
+        {"__key__": "l" * 70 + "/" + "m" * 70 + "/000003", "jpeg": p[2].jpg, "seg.txt": "two-part extension"},
+        {"__key__": "café/000004", "jpg": p[3].jpg},
+        {"__key__": "000005", "jpg": p[4].jpg, "json": {"a": [1, 2]}},
+        {"__key__": "naïve" * 30, "jpg": p[5].jpg, "txt": "a 150-character non-ASCII key"},
+    ]
+
+
+def webdataset_tar(out: Path, samples: list[dict]) -> Path:
+    import webdataset as wds
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(out)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return out
+
+
+def webdataset_shards(folder: Path, samples: list[dict]) -> list[Path]:
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=4, verbose=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return sorted(folder.glob("*.tar"))
 
 
 def header_offsets(path: Path) -> list[int]:
@@ -284,8 +352,10 @@ CASES = [
     "gnu_tar_global_pax", "gnu_tar_pax_keywords", "gnu_tar_blocking_1", "gnu_tar_label", "gnu_tar_incremental",
     "gnu_tar_gnu_links_sparse", "gnu_tar_posix_links_sparse", "gnu_tar_dereferenced", "gnu_tar_xattrs",
     "gnu_tar_sparse_0.0", "gnu_tar_sparse_0.1", "gnu_tar_dirs_interleaved", "trailing_garbage", "single_end_block",
-    "concatenated", "tarfile_gnu", "tarfile_pax", "tarfile_ustar", "tarfile_no_dirs", "tarfile_strays",
+    "tarfile_gnu", "tarfile_pax", "tarfile_ustar", "tarfile_no_dirs", "tarfile_strays",
     "tarfile_pax_ids", "tarfile_gnu_ids", "tarfile_pax_records", "pre_posix", "odd_numeric_fields",
+    "bsdtar_ustar", "bsdtar_pax", "bsdtar_gnutar", "bsdtar_v7", "bsdtar_default",
+    "webdataset_tarwriter", "webdataset_shardwriter",
 ]
 
 
@@ -301,6 +371,19 @@ def test_the_corpus_is_what_the_cases_say(corpus) -> None:
     assert kinds["sparse"] == 4 and kinds["1"] == 4 and kinds["2"] == 4
     with tarfile.open(corpus["tarfile_pax_records"].path) as tar:
         assert all("SCHILY.xattr.user.origin" in m.pax_headers for m in tar.getmembers() if m.isreg())
+    for fmt in ("ustar", "pax", "gnutar", "v7", "default"):
+        with tarfile.open(corpus[f"bsdtar_{fmt}"].path) as tar:
+            assert all(n.startswith("./") for n in tar.getnames()), fmt
+    assert b"././@LongLink" in corpus["bsdtar_gnutar"].path.read_bytes()
+    for name in ("webdataset_tarwriter", "webdataset_shardwriter"):
+        path = corpus[name].path
+        raw = path.read_bytes()
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        assert all(m.pax_headers for m in members)  # every member behind a PAX header
+        # The ustar name field of a non-ASCII member holds '?' where its real name has letters.
+        odd = next(m for m in members if not m.name.isascii())
+        assert raw[odd.offset_data - 512 : odd.offset_data - 412].count(b"?") > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -187,3 +188,166 @@ def test_compressed_archives_get_a_helpful_message(tmp_path: Path, make_shard) -
     gz.write_bytes(gzip.compress(path.read_bytes()))
     with pytest.raises(TarError, match="gzip-compressed"):
         read_members(open(gz, "rb"), str(gz))
+
+
+# -- hostile headers: every one ends in a reported problem, quickly, never a loop --------------
+
+
+def bounded(call, seconds: float = 60):
+    """Run ``call`` in a thread and fail (instead of hanging the suite) if it does not return."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(call).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def fix_checksum(raw: bytearray, at: int) -> None:
+    raw[at + 148 : at + 156] = b" " * 8
+    raw[at + 148 : at + 156] = b"%06o\0 " % sum(raw[at : at + 512])
+
+
+def records_shard(tmp_path: Path, fmt: int = tarfile.GNU_FORMAT, n: int = 6) -> tuple[Path, list[tarfile.TarInfo]]:
+    members = [(f"{i:06d}.{ext}", bytes([i]) * (300 + 200 * i)) for i in range(n) for ext in ("jpg", "txt")]
+    path = write_members(tmp_path / f"s{fmt}.tar", members, fmt)
+    with tarfile.open(path) as tar:
+        return path, tar.getmembers()
+
+
+@pytest.mark.parametrize("field, start, value", [
+    ("size", 124, b"\xff" + b"\xff" * 10 + b"\xfe"),  # base-256 -2
+    ("size", 124, b"-0000000012\0"),  # int() alone would read -10
+    ("mode", 100, b"garbage\0"), ("uid", 108, b"12x4567\0"), ("gid", 116, b"\x81" * 8),
+    ("mtime", 136, b"not a time!\0"),
+])
+def test_unreadable_or_negative_numeric_fields_stop_where_tarfile_stops(tmp_path: Path, field, start,
+                                                                        value) -> None:
+    path, infos = records_shard(tmp_path)
+    raw = bytearray(path.read_bytes())
+    hit = infos[5].offset
+    raw[hit + start : hit + start + len(value)] = value
+    fix_checksum(raw, hit)
+    path.write_bytes(raw)
+    expected = [(m.name, m.offset_data, m.size) for m in infos[:5]]
+    with tarfile.open(path) as tar:
+        if field == "size":  # tarfile takes a negative size (and lists a member of -10 bytes)
+            assert tar.getmembers()[5].size < 0
+        else:  # tarfile (and so the webdataset library) stops before the header
+            assert [(m.name, m.offset_data, m.size) for m in tar.getmembers()] == expected
+    scan = bounded(lambda: scan_tar(io.BytesIO(bytes(raw))))
+    assert [(m.name, m.offset, m.size) for m in scan.members] == expected
+    assert [(p.code, p.offset) for p in scan.problems] == [("tar_bad_header", hit)]
+    assert field in scan.problems[0].detail or "negative" in scan.problems[0].detail
+    # Recovery skips the one header (its data holds no header) and reads on.
+    with open(path, "rb") as f:
+        recovered = bounded(lambda: scan_tar(f, recover=True))
+    assert [m.name for m in recovered.members] == [i.name for i in infos if i is not infos[5]]
+    with pytest.raises(TarError, match="tar_bad_header"), open(path, "rb") as f:
+        bounded(lambda: read_members(f))
+
+
+def pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    n = len(body) + 1
+    while len(str(n).encode() + body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+@pytest.mark.parametrize("size", ["-1", "-1000000", "1e3", " 12", "+3"])
+def test_a_pax_size_that_is_not_a_plain_number_is_a_bad_header(tmp_path: Path, size: str) -> None:
+    path = tmp_path / "pax.tar"
+    comment = pax_record("comment", "x" * 60)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        add_member(tar, "000001.jpg", b"a" * 700)
+        add_member(tar, "000002.jpg", b"b" * 700, pax_headers={"comment": "x" * 60})
+    wanted = pax_record("size", size)
+    filler = next(r for n in range(1, 60) if len(r := wanted + pax_record("c", "y" * n)) == len(comment))
+    raw = path.read_bytes().replace(comment, filler)  # the same length: the header's size still holds
+    assert raw != path.read_bytes()
+    scan = bounded(lambda: scan_tar(io.BytesIO(raw), recover=True))
+    assert [m.name for m in scan.members] == ["000001.jpg"]
+    assert [p.code for p in scan.problems] == ["tar_bad_header"] and "PAX size" in scan.problems[0].detail
+
+
+def test_a_huge_extended_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+    path, infos = records_shard(tmp_path, tarfile.GNU_FORMAT, 2)
+    raw = bytearray(path.read_bytes())
+    long_name = bytearray(512)
+    long_name[0:13] = b"././@LongLink"
+    long_name[124:136] = b"77777777777\0"  # 8 GiB of "name"
+    long_name[156] = ord("L")
+    long_name[257:265] = b"ustar  \0"
+    fix_checksum(long_name, 0)
+    raw[infos[2].offset : infos[2].offset] = long_name
+    scan = bounded(lambda: scan_tar(io.BytesIO(bytes(raw))))
+    assert [m.name for m in scan.members] == [i.name for i in infos[:2]]
+    assert [p.code for p in scan.problems] in (["tar_bad_header"], ["tar_truncated"])
+
+
+def gnu_tar_ignoring_zeros(path: Path) -> list[str]:
+    out = subprocess.run(["tar", "--ignore-zeros", "--list", "-f", str(path)], capture_output=True, check=True)
+    return out.stdout.decode().split("\n")[:-1]
+
+
+@pytest.mark.parametrize("hole", [512, 1024, 4096, 10240 + 512])
+def test_a_zero_filled_hole_at_a_member_boundary_is_reported_and_read_past(tmp_path: Path, hole: int) -> None:
+    """An interrupted copy leaves zeros where members were: readers stop there without a word;
+    the scan reports a tar_hole and, recovering, finds every member GNU tar -i finds."""
+    path, infos = records_shard(tmp_path)
+    raw = bytearray(path.read_bytes())
+    at = infos[4].offset
+    raw[at:at] = bytes(hole)
+    path.write_bytes(raw)
+    with tarfile.open(path) as tar:
+        assert len(tar.getmembers()) == 4  # tarfile ends the archive at the zeros
+    with tarfile.open(path, ignore_zeros=True) as tar:
+        everything = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    assert [n for n, _, _ in everything] == gnu_tar_ignoring_zeros(path) == [i.name for i in infos]
+    with open(path, "rb") as f:
+        scan = bounded(lambda: scan_tar(f, recover=True))
+    assert [(m.name, m.offset, m.size) for m in scan.members] == everything
+    assert [(p.code, p.offset) for p in scan.problems] == [("tar_hole", at)]
+    assert f"from byte {at + hole}" in scan.problems[0].detail
+    with open(path, "rb") as f:
+        strict = scan_tar(f)
+    assert len(strict.members) == 4 and [p.code for p in strict.problems] == ["tar_hole"]
+    with pytest.raises(TarError, match="tar_hole"), open(path, "rb") as f:
+        read_members(f)
+
+
+def test_archives_appended_to_each_other_are_a_hole_and_padding_is_not(tmp_path: Path) -> None:
+    first, a = records_shard(tmp_path / "a", n=2)
+    second, b = records_shard(tmp_path / "b", n=3)
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    with open(joined, "rb") as f:
+        scan = scan_tar(f, recover=True)
+    assert [m.name for m in scan.members] == [i.name for i in a + b] == gnu_tar_ignoring_zeros(joined)
+    assert [p.code for p in scan.problems] == ["tar_hole"]
+    # The end blocks and any zero padding after them (tar's 10 KiB records): nothing to report.
+    padded = tmp_path / "padded.tar"
+    padded.write_bytes(first.read_bytes() + bytes(20 * 512))
+    with open(padded, "rb") as f:
+        assert scan_tar(f, recover=True).problems == []
+
+
+def test_a_header_with_foreign_magic_is_read_as_every_reader_reads_it(tmp_path: Path) -> None:
+    """A junk format magic with a valid checksum: tarfile, GNU tar and bsdtar read the header as
+    a pre-POSIX one; a scanner that refused it would drop records the readers all see."""
+    path, infos = records_shard(tmp_path, tarfile.GNU_FORMAT, 3)
+    raw = bytearray(path.read_bytes())
+    raw[infos[2].offset + 257 : infos[2].offset + 265] = b"NOTAR\0\0\0"
+    fix_checksum(raw, infos[2].offset)
+    path.write_bytes(raw)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    assert [n for n, _, _ in expected] == [i.name for i in infos]
+    for tool in ("tar", "bsdtar"):
+        if shutil.which(tool):
+            listed = subprocess.run([tool, "-tf", str(path)], capture_output=True, text=True, check=True).stdout
+            assert listed.split("\n")[:-1] == [i.name for i in infos], tool
+    scan = scan_tar(io.BytesIO(bytes(raw)))
+    assert scan.problems == [] and [(m.name, m.offset, m.size) for m in scan.members] == expected
