@@ -237,3 +237,19 @@ def test_run_command_honours_output_and_index_dir(tmp_path: Path, make_shard) ->
     assert sorted(p.name for p in (out / "manifests").iterdir()) == ["00000.parquet", "00001.parquet"]
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["00000.json", "00001.json"]
     assert f"manifests: {out}/manifests" in proc.stdout
+
+
+def test_catch_up_schedule_batches_incomplete_shards_into_ranges(instance, monkeypatch) -> None:
+    from curator_assets.defs import partitions
+    from curator_assets.defs.schedules import PIPELINE_ASSETS, catch_up_schedule
+
+    monkeypatch.setenv("CURATOR_RUN_SLOTS", "1")
+    keys = ["a", "b", "c", "d", "e"]
+    instance.add_dynamic_partitions(shards.name, keys)
+    for name in PIPELINE_ASSETS:  # "c" is complete; the others are not
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="c"))
+    requests = catch_up_schedule(dg.build_schedule_context(instance=instance))
+    spans = [(r.partition_key, r.tags.get(partitions.RANGE_START_TAG), r.tags.get(partitions.RANGE_END_TAG))
+             for r in requests]
+    assert spans == [(None, "a", "b"), (None, "d", "e")]  # never a range over the complete shard
+    assert len({r.run_key for r in requests}) == 2

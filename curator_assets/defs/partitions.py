@@ -69,4 +69,13 @@ def range_tags(keys: Sequence[str]) -> dict[str, str]:
     return {RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]}
 
 
+def run_request(chunk: Sequence[str], run_key: str, tags: dict[str, str]) -> dg.RunRequest:
+    """One run over ``chunk`` (consecutive partitions): a plain partition run for one shard, a
+    ranged run for several."""
+    tags = {**tags, "curator/shards": str(len(chunk))}
+    if len(chunk) == 1:
+        return dg.RunRequest(partition_key=chunk[0], run_key=run_key, tags=tags)
+    return dg.RunRequest(run_key=run_key, tags={**tags, **range_tags(chunk)})
+
+
 BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_SHARDS_PER_RUN)

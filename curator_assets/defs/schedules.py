@@ -6,7 +6,7 @@ import os
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import batch_size, contiguous_ranges, range_tags, shards
+from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, shards
 
 # The per-shard assets, in pipeline order; a shard is done when the last one is materialized.
 PIPELINE_ASSETS = ("shard_index", "shard_validation", "decoded_images")
@@ -35,15 +35,8 @@ def catch_up_schedule(context: dg.ScheduleEvaluationContext):
     # key per range per tick: a retried tick does not launch twice.
     stamp = f"{context.scheduled_execution_time:%Y%m%dT%H%M}" if _has_tick_time(context) else "manual"
     order = context.instance.get_dynamic_partitions(shards.name)
-    requests = []
-    for chunk in contiguous_ranges(pending, order, batch_size(len(pending))):
-        tags = {"curator/reason": "catch-up", "curator/shards": str(len(chunk))}
-        run_key = f"catch-up:{stamp}:{chunk[0]}..{chunk[-1]}"
-        if len(chunk) == 1:
-            requests.append(dg.RunRequest(partition_key=chunk[0], run_key=run_key, tags=tags))
-        else:
-            requests.append(dg.RunRequest(run_key=run_key, tags={**tags, **range_tags(chunk)}))
-    return requests
+    return [run_request(chunk, f"catch-up:{stamp}:{chunk[0]}..{chunk[-1]}", {"curator/reason": "catch-up"})
+            for chunk in contiguous_ranges(pending, order, batch_size(len(pending)))]
 
 
 def _has_tick_time(context: dg.ScheduleEvaluationContext) -> bool:

@@ -10,7 +10,7 @@ import zlib
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import batch_size, contiguous_ranges, range_tags, shards
+from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.storage import StorageError
 
@@ -42,11 +42,7 @@ def _requests(keys: list[str], order: list[str], current: dict[str, str], reason
     for chunk in contiguous_ranges(keys, order, batch_size(len(keys))):
         digest = short_fingerprint("|".join(f"{k}@{current[k]}" for k in chunk))
         run_key = f"{chunk[0]}@{current[chunk[0]]}" if len(chunk) == 1 else f"{chunk[0]}..{chunk[-1]}@{digest}"
-        tags = {"curator/reason": reason, "curator/shards": str(len(chunk))}
-        if len(chunk) == 1:
-            out.append(dg.RunRequest(partition_key=chunk[0], run_key=run_key, tags=tags))
-        else:
-            out.append(dg.RunRequest(run_key=run_key, tags={**tags, **range_tags(chunk)}))
+        out.append(run_request(chunk, run_key, {"curator/reason": reason}))
     return out
 
 
