@@ -52,6 +52,8 @@ def tick(instance, storage, cursor):
     ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=cursor)
     result = shard_sensor(ctx)
     t1 = time.perf_counter()
+    if isinstance(result, dg.SkipReason):
+        raise SystemExit(f"the tick skipped: {result.skip_message}")
     for req in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     t2 = time.perf_counter()
@@ -123,6 +125,7 @@ def scenario(label: str, storage: ShardStorage, grow, n: int, tmp: Path, count=N
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=100_000)
+    ap.add_argument("--s3-shards", type=int, default=0, help="shards on S3 (default: --shards)")
     ap.add_argument("--no-s3", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("CURATOR_RUN_SLOTS", "2")
@@ -137,16 +140,17 @@ def main() -> None:
         out.append((rows, parts, cursor))
         if not args.no_s3:
             moto = Moto(tmp)
+            n3 = args.s3_shards or args.shards
             try:
                 t = time.perf_counter()
-                upload(moto.endpoint, "bench", shard_names(args.shards), blob)
-                print(f"(uploaded {args.shards:,} objects to moto in {time.perf_counter() - t:.0f} s)")
+                upload(moto.endpoint, "bench", shard_names(n3), blob)
+                print(f"(uploaded {n3:,} objects to moto in {time.perf_counter() - t:.0f} s)")
                 storage = ShardStorage(dataset_url="s3://bench/ds", endpoint_url=moto.endpoint,
                                        aws_access_key_id="bench", aws_secret_access_key="bench")
                 rows, parts, cursor = scenario(
                     "s3 (moto)", storage,
-                    lambda: upload(moto.endpoint, "bench", shard_names(10, args.shards), blob),
-                    args.shards, tmp, count=moto.requests)
+                    lambda: upload(moto.endpoint, "bench", shard_names(10, n3), blob),
+                    n3, tmp, count=moto.requests)
                 out.append((rows, parts, cursor))
             finally:
                 moto.stop()

@@ -253,3 +253,18 @@ def test_catch_up_schedule_batches_incomplete_shards_into_ranges(instance, monke
              for r in requests]
     assert spans == [(None, "a", "b"), (None, "d", "e")]  # never a range over the complete shard
     assert len({r.run_key for r in requests}) == 2
+
+
+def test_cursor_round_trips_and_reads_the_earlier_form() -> None:
+    import base64
+    import json
+    import zlib
+
+    from curator_assets.defs.sensors import encode_cursor, short_fingerprint
+
+    seen = {f"part-{i // 100:03d}/{i:06d}": short_fingerprint(str(i)) for i in range(1000)}
+    assert decode_cursor(encode_cursor(seen)) == seen
+    assert decode_cursor(encode_cursor({})) == {}
+    earlier = "z1:" + base64.b64encode(zlib.compress(json.dumps(seen).encode())).decode()
+    assert decode_cursor(earlier) == seen
+    assert decode_cursor("garbage") == {} and decode_cursor("z2:!!!") == {}

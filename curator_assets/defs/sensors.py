@@ -20,17 +20,26 @@ def short_fingerprint(fingerprint: str) -> str:
 
 
 def encode_cursor(seen: dict[str, str]) -> str:
-    # Compressed so that 100,000 shards still fit a cursor comfortably.
-    raw = json.dumps(seen, separators=(",", ":"), sort_keys=True).encode()
-    return "z1:" + base64.b64encode(zlib.compress(raw, 6)).decode()
+    """The keys, sorted, one per line (they compress to a byte or two each: neighbours share
+    their prefix), then each key's 6-byte fingerprint in binary (which no compressor shrinks):
+    ~8 bytes per shard once base64'd, 0.8 MB at 100,000 shards."""
+    keys = sorted(seen)
+    raw = "\n".join(keys).encode() + b"\0" + b"".join(bytes.fromhex(seen[k]) for k in keys)
+    return "z2:" + base64.b64encode(zlib.compress(raw, 9)).decode()
 
 
 def decode_cursor(cursor: str | None) -> dict[str, str]:
-    if not cursor or not cursor.startswith("z1:"):
+    if not cursor or cursor[:3] not in ("z1:", "z2:"):
         return {}
     try:
-        return json.loads(zlib.decompress(base64.b64decode(cursor[3:])))
-    except (ValueError, zlib.error):
+        raw = zlib.decompress(base64.b64decode(cursor[3:]))
+        if cursor.startswith("z1:"):  # the earlier JSON form
+            return json.loads(raw)
+        names, _, fps = raw.partition(b"\0")
+        keys = names.decode().split("\n") if names else []
+        size = len(fps) // max(1, len(keys))
+        return {k: fps[i * size:(i + 1) * size].hex() for i, k in enumerate(keys)}
+    except (ValueError, zlib.error, UnicodeDecodeError):
         return {}
 
 
