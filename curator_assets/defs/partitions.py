@@ -35,11 +35,20 @@ def _env_int(name: str, default: int) -> int:
 MAX_SHARDS_PER_RUN = _env_int("CURATOR_MAX_SHARDS_PER_RUN", 16)
 
 
-def run_slots() -> int:
-    """Runs the sensor spreads new shards over: ``CURATOR_RUN_SLOTS``, else the instance's
-    ``max_concurrent_runs`` as ``dagster.yaml`` ships it (2), the number that keeps two cores
-    busy (one run's start-up overlaps the other's decode)."""
-    return _env_int("CURATOR_RUN_SLOTS", 2)
+def run_slots(instance: dg.DagsterInstance | None = None) -> int:
+    """Runs the sensor and the schedule spread pending shards over: ``CURATOR_RUN_SLOTS`` when
+    set, else the instance's ``max_concurrent_runs`` (2 in the repo's ``dagster.yaml``: on two
+    cores one run's start-up overlaps the other's decode), else 2."""
+    if os.environ.get("CURATOR_RUN_SLOTS"):
+        return _env_int("CURATOR_RUN_SLOTS", 2)
+    if instance is not None:
+        try:
+            limit = instance.get_concurrency_config().run_queue_config.max_concurrent_runs
+        except Exception:  # noqa: BLE001 - an instance without a run queue
+            limit = None
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return 2
 
 
 def batch_size(pending: int, slots: int | None = None, most: int | None = None) -> int:

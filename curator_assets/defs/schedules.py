@@ -6,7 +6,7 @@ import os
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, shards
+from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, run_slots, shards
 
 # The per-shard assets, in pipeline order; a shard is done when the last one is materialized.
 PIPELINE_ASSETS = ("shard_index", "shard_validation", "decoded_images")
@@ -36,7 +36,7 @@ def catch_up_schedule(context: dg.ScheduleEvaluationContext):
     stamp = f"{context.scheduled_execution_time:%Y%m%dT%H%M}" if _has_tick_time(context) else "manual"
     order = context.instance.get_dynamic_partitions(shards.name)
     return [run_request(chunk, f"catch-up:{stamp}:{chunk[0]}..{chunk[-1]}", {"curator/reason": "catch-up"})
-            for chunk in contiguous_ranges(pending, order, batch_size(len(pending)))]
+            for chunk in contiguous_ranges(pending, order, batch_size(len(pending), run_slots(context.instance)))]
 
 
 def _has_tick_time(context: dg.ScheduleEvaluationContext) -> bool:

@@ -10,7 +10,7 @@ import zlib
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, shards
+from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, run_slots, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.storage import StorageError
 
@@ -43,12 +43,13 @@ def decode_cursor(cursor: str | None) -> dict[str, str]:
         return {}
 
 
-def _requests(keys: list[str], order: list[str], current: dict[str, str], reason: str) -> list[dg.RunRequest]:
+def _requests(keys: list[str], order: list[str], current: dict[str, str], reason: str,
+              slots: int) -> list[dg.RunRequest]:
     """Runs for ``keys``, several shards per run: consecutive partitions (a range tag selects by
     position), ``batch_size`` of them per run. The run key names the range and the shards'
     fingerprints, so a retried tick never launches the same work twice."""
     out = []
-    for chunk in contiguous_ranges(keys, order, batch_size(len(keys))):
+    for chunk in contiguous_ranges(keys, order, batch_size(len(keys), slots)):
         digest = short_fingerprint("|".join(f"{k}@{current[k]}" for k in chunk))
         run_key = f"{chunk[0]}@{current[chunk[0]]}" if len(chunk) == 1 else f"{chunk[0]}..{chunk[-1]}@{digest}"
         out.append(run_request(chunk, run_key, {"curator/reason": reason}))
@@ -67,7 +68,7 @@ def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> 
     # One listing per tick (no request per object), one read of the partitions, a cursor of one
     # short fingerprint per shard (zlib-compressed). Batching: the new shards of a tick, in
     # listing order, become runs of consecutive partitions; ``batch_size`` spreads them over the
-    # run slots (CURATOR_RUN_SLOTS, default 2) with at most CURATOR_MAX_SHARDS_PER_RUN (16) per
+    # run slots (max_concurrent_runs, or CURATOR_RUN_SLOTS) with at most CURATOR_MAX_SHARDS_PER_RUN (16) per
     # run, so one new shard runs alone and at once, and 100,000 become 6,250 runs of 16.
     try:
         listing = storage.dataset().list_shards()
@@ -93,8 +94,9 @@ def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> 
     returned = [k for k in current if k in existing and k not in seen] if seen else []
     changed += returned
     order = existing_order + new_keys  # the partitions' order once the add request is applied
-    run_requests = (_requests(new_keys, order, current, "new shard")
-                    + _requests(changed, order, current, "shard changed"))
+    slots = run_slots(context.instance)
+    run_requests = (_requests(new_keys, order, current, "new shard", slots)
+                    + _requests(changed, order, current, "shard changed", slots))
     if not run_requests and seen == current:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"no new or changed shards among {len(current)}"))
     if new_keys or changed:
