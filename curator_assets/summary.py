@@ -34,7 +34,7 @@ _CODE = re.compile(r"^([a-z][a-z0-9_]{2,}):")  # "image_too_large: ..." -> image
 _KNOWN = (  # error texts written without a leading code (see decode.py)
     ("DALI could not decode", "decode_failed"),
     ("no image member", "no_image"),
-    ("runs past the end of the shard", "truncated"),
+    ("runs past the end of the shard", "tar_truncated"),
 )
 
 
