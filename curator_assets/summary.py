@@ -101,7 +101,7 @@ def read_columns(dataset, key: str, columns: list[str]):
     with dataset.open(manifest_path(dataset, key), fs=dataset.output_fs) as f:
         pf = pq.ParquetFile(f)
         info = _info(pf.schema_arrow.metadata or {})
-        return pf.read(columns=columns), info
+        return pf.read(columns=columns, use_threads=False), info  # small files: a thread pool per read costs more
 
 
 def _info(meta: dict[bytes, bytes]) -> dict[str, str]:
@@ -159,20 +159,40 @@ class _Collector:
             self.times.append(info["created"])
 
 
-def summarize_decode(dataset, keys: Iterable[str]) -> DecodeSummary:
+def _read_or_why(dataset, key: str):
+    """(table, info) of shard ``key``'s manifest, or (None, why): None when there is none."""
+    try:
+        return read_columns(dataset, key, SUMMARY_COLUMNS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except Exception as exc:  # noqa: BLE001 - a damaged manifest is reported, never a crash
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _read_all(dataset, keys: Iterable[str], threads: int, window: int = 64):
+    """(key, table, info-or-why) in order, read by ``threads`` threads (Parquet decoding and file
+    reads release the GIL), at most ``window`` manifests ahead of the caller."""
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    it = iter(keys)
+    with ThreadPoolExecutor(threads) as pool:
+        while chunk := list(islice(it, window)):
+            for key, (table, info) in zip(chunk, pool.map(lambda k: _read_or_why(dataset, k), chunk), strict=True):
+                yield key, table, info
+
+
+def summarize_decode(dataset, keys: Iterable[str], *, threads: int = 4) -> DecodeSummary:
     """The decode summary of shards ``keys``: their manifests, read column by column."""
     c = _Collector()
-    for key in keys:
+    for key, table, info in _read_all(dataset, keys, threads):
         c.s.shards += 1
-        try:
-            table, info = read_columns(dataset, key, SUMMARY_COLUMNS)
-        except (FileNotFoundError, NotADirectoryError):
+        if table is None and info:
+            c.s.unreadable.append((key, info))
+        elif table is None:
             c.s.missing.append(key)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a damaged manifest is reported, never a crash
-            c.s.unreadable.append((key, f"{type(exc).__name__}: {exc}"))
-            continue
-        c.add(key, table, info)
+        else:
+            c.add(key, table, info)
     s = c.s
     if c.dims:
         s.widths = np.concatenate([w for w, _ in c.dims])
@@ -284,9 +304,11 @@ def failures_picture(summary: DecodeSummary, limit: int = 30) -> bytes:
     return _figure_png(fig)
 
 
-def sample_members(rows: Iterable, n: int = 16) -> list[tuple[int, int]]:
-    """(offset, size) of up to ``n`` decoded images spread evenly over the shard's records."""
-    good = [(r.offset, r.size) for r in rows if r.decoded and r.offset is not None and r.size]
+def sample_members(rows: Iterable, n: int = 16, max_pixels: int = 40_000_000) -> list[tuple[int, int]]:
+    """(offset, size) of up to ``n`` decoded images spread evenly over the shard's records; images
+    of more than ``max_pixels`` are never drawn (only JPEGs decode at a reduced scale)."""
+    good = [(r.offset, r.size) for r in rows if r.decoded and r.offset is not None and r.size
+            and (r.width or 0) * (r.height or 0) <= max_pixels]
     if len(good) <= n:
         return good
     step = len(good) / n

@@ -171,3 +171,13 @@ def test_decode_materialization_embeds_the_contact_sheet_and_summary_asset(tmp_p
     assert md["image_sizes"].startswith("![image sizes](data:image/png;base64,")
     assert md["failures_by_shard"].startswith("![failures by shard](data:image/png;base64,")
     assert "3 image(s) found in more than one shard" in md["summary"]
+
+
+def test_a_damaged_manifest_is_reported_not_fatal(tmp_path):
+    dataset = Dataset(str(tmp_path), output_url=str(tmp_path / "out"))
+    _synthetic(dataset, "00000", 5, caption_bytes=10)
+    _synthetic(dataset, "00001", 5, caption_bytes=10)
+    (tmp_path / "out" / "manifests" / "00001.parquet").write_bytes(b"PAR1 not a parquet file")
+    s = summarize_decode(dataset, ["00000", "00001"])
+    assert (s.manifests, s.records, s.missing) == (1, 5, [])
+    assert [k for k, _ in s.unreadable] == ["00001"]
