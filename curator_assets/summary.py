@@ -176,6 +176,10 @@ def _read_all(dataset, keys: Iterable[str], threads: int, window: int = 64):
     from itertools import islice
 
     it = iter(keys)
+    if threads <= 1:  # in this thread (what it reads is counted by storage.counting_reads)
+        for key in it:
+            yield key, *_read_or_why(dataset, key)
+        return
     with ThreadPoolExecutor(threads) as pool:
         while chunk := list(islice(it, window)):
             for key, (table, info) in zip(chunk, pool.map(lambda k: _read_or_why(dataset, k), chunk), strict=True):
