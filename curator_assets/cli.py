@@ -136,22 +136,31 @@ def cmd_index(args: argparse.Namespace) -> int:
     targets = [(dataset, key, args.force) for dataset, key in shards]
 
     from curator_assets.parallel import map_shards
+    from curator_assets.progress import progress
 
     local = all(d.all_local for d, _, _ in targets)
-    for row in map_shards(_index_row, targets, args.workers, local=local):
-        if not row.get("ok"):
-            failures += 1
-            _err(row.get("error", "unknown error"))
-            if args.json:
-                print(json.dumps(row), flush=True)
-            continue
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            verb = "up to date" if row["reused"] else "indexed"
-            print(f"{row['shard']}: {verb} -> {row['index']} ({row['records']} records, {row['members']} members)",
-                  flush=True)
+    with progress(len(targets), as_json=args.json, desc="index", item="records") as bar:
+        for row in map_shards(_index_row, targets, args.workers, local=local):
+            with bar.external():
+                failures += _print_index_row(row, args.json)
+            bar.step(row.get("records") or 0)
     return 1 if failures else 0
+
+
+def _print_index_row(row: dict, as_json: bool) -> int:
+    """Print one shard's index row; 1 when it failed."""
+    if not row.get("ok"):
+        _err(row.get("error", "unknown error"))
+        if as_json:
+            print(json.dumps(row), flush=True)
+        return 1
+    if as_json:
+        print(json.dumps(row), flush=True)
+    else:
+        verb = "up to date" if row["reused"] else "indexed"
+        print(f"{row['shard']}: {verb} -> {row['index']} ({row['records']} records, {row['members']} members)",
+              flush=True)
+    return 0
 
 
 def _validate_row(target: tuple[object, str, int, dict | None, bool]) -> dict:
@@ -210,21 +219,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     targets = [(dataset, key, args.max_pixels, severities, write) for dataset, key in shards]
 
     from curator_assets.parallel import map_shards
+    from curator_assets.progress import progress
 
     local = all(d.all_local for d, *_ in targets)
     rows = map_shards(_validate_row, targets, args.workers, local=local)
-    for target, row in zip(targets, rows, strict=True):
-        if "problems" not in row:  # a worker died before reporting this shard
-            dataset, key = target[0], target[1]
-            row = unreadable_report(dataset.url_of(dataset.shard_path(key)), row.get("error", "worker died"),
-                                    severities).summary_json()
-        if not row["ok"]:
-            failed += 1
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            _print_validation(row)
+    with progress(len(targets), as_json=args.json, desc="validate", item="records") as bar:
+        for target, row in zip(targets, rows, strict=True):
+            with bar.external():
+                failed += _print_validate_row(target, row, severities, args.json)
+            bar.step(row.get("records") or 0)
     return 1 if failed else 0
+
+
+def _print_validate_row(target, row: dict, severities, as_json: bool) -> int:
+    """Print one shard's validation; 1 when it is not ok."""
+    from curator_assets.validation import unreadable_report
+
+    if "problems" not in row:  # a worker died before reporting this shard
+        dataset, key = target[0], target[1]
+        row = unreadable_report(dataset.url_of(dataset.shard_path(key)), row.get("error", "worker died"),
+                                severities).summary_json()
+    if as_json:
+        print(json.dumps(row), flush=True)
+    else:
+        _print_validation(row)
+    return 0 if row["ok"] else 1
 
 
 def _severity(text: str) -> tuple[str, str]:
@@ -266,25 +285,37 @@ def cmd_decode(args: argparse.Namespace) -> int:
               f"{options.threads} threads on {options.pipelines} pipeline(s)", flush=True)
     shards, failures = _listed(args, lambda error: {"shard": None, "ok": False, "error": error},
                                output_url=args.output)
-    for dataset, key in shards:
-        try:
-            result, _ = decode_shard(dataset, key, decoder=decoder)
-        except (DecodeError, TarError, IndexFormatError, StorageError, OSError) as exc:
-            failures += 1
-            row = _error_row(dataset, key, exc)
-            _err(row["error"])
-            if args.json:
-                print(json.dumps(row), flush=True)
-            continue
-        if not result.ok:  # a damaged shard: what could be read is in the manifest, but not all of it
-            failures += 1
-            for code, detail in result.shard_errors:
-                _err(f"{result.shard_url}: {code}: {detail}")
-        if args.json:
-            print(json.dumps(result.as_dict()), flush=True)
-            continue
-        _print_decoded(result)
+    from curator_assets.progress import progress
+
+    with progress(len(shards), as_json=args.json, desc="decode") as bar:
+        for dataset, key in shards:
+            try:
+                result, _ = decode_shard(dataset, key, decoder=decoder)
+            except (DecodeError, TarError, IndexFormatError, StorageError, OSError) as exc:
+                failures += 1
+                row = _error_row(dataset, key, exc)
+                with bar.external():
+                    _err(row["error"])
+                    if args.json:
+                        print(json.dumps(row), flush=True)
+                bar.step()
+                continue
+            with bar.external():
+                failures += _report_decoded(result, args.json)
+            bar.step(result.decoded)
     return 1 if failures else 0
+
+
+def _report_decoded(result, as_json: bool) -> int:
+    """Print one decoded shard; 1 when it is damaged (a truncated tar: its readable records are
+    in the manifest, but not all of them)."""
+    for code, detail in result.shard_errors if not result.ok else ():
+        _err(f"{result.shard_url}: {code}: {detail}")
+    if as_json:
+        print(json.dumps(result.as_dict()), flush=True)
+    else:
+        _print_decoded(result)
+    return 0 if result.ok else 1
 
 
 def _print_decoded(result) -> None:
@@ -305,6 +336,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from curator_assets.runner import run_pipeline
 
     return run_pipeline(args.path, index_url=args.index_dir, output_url=args.output, as_json=args.json,
+                        storage_options=dict(args.storage_options or []))
+
+
+def cmd_rerun_failed(args: argparse.Namespace) -> int:
+    from curator_assets.runner import rerun_failed
+
+    return rerun_failed(args.path, index_url=args.index_dir, output_url=args.output, as_json=args.json,
                         storage_options=dict(args.storage_options or []))
 
 
@@ -386,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "pass secrets through the environment instead)")
     p.add_argument("--json", action="store_true", help="one JSON object per shard, then one for the dataset")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("rerun-failed", help="run the pipeline again on the shards whose pipeline failed or is "
+                       "incomplete in $DAGSTER_HOME, and on no other")
+    p.add_argument("path", metavar="PATH_OR_URL", help="the dataset folder (or URL) that `run` or the sensor used")
+    p.add_argument("--index-dir", metavar="URL", help="where the indexes go, as given to `run`")
+    p.add_argument("--output", metavar="URL", help="where reports and manifests go, as given to `run`")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per shard rerun, then one for the dataset")
+    p.set_defaults(func=cmd_rerun_failed)
 
     return parser
 

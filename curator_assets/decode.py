@@ -1229,7 +1229,7 @@ def decode_shard(
         info = {
             "shard": key, "shard_url": plan.shard_url, "device": result.device, "reader": reader,
             "plan": plan.source, "records": result.records, "decoded": decoded, "failed": result.failed,
-            "no_image": no_image, "problems": plan.problems, "dali": _dali_version(),
+            "no_image": no_image, "seconds": round(seconds, 4), "problems": plan.problems, "dali": _dali_version(),
             "ok": result.ok, "shard_errors": [f"{c}: {d}" for c, d in plan.errors], "report": plan.report,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from curator_assets.defs import assets, checks, jobs, schedules, sensors
+from curator_assets.defs import assets, automation, checks, jobs, schedules, sensors
 from curator_assets.defs.resources import ShardStorage, storage_from_env
 
 
@@ -13,7 +13,7 @@ def build_definitions(storage: ShardStorage | None = None) -> dg.Definitions:
         assets=dg.load_assets_from_modules([assets]),
         asset_checks=dg.load_asset_checks_from_modules([checks]),
         jobs=[jobs.shard_pipeline],
-        sensors=[sensors.shard_sensor],
+        sensors=[sensors.shard_sensor, automation.dataset_automation_sensor],
         schedules=[schedules.catch_up_schedule],
         resources={"storage": storage or storage_from_env()},
     )

@@ -137,7 +137,7 @@ def markdown_preview(rows: Iterable[ManifestRow], limit: int = 5, failures: int 
     seen = {r.position for r in shown}
     shown += [r for r in rows if not r.decoded and r.position not in seen][:failures]
     lines = [
-        "| # | record_id | member | size | decoded | error | caption |",
+        "| # | record_id | member | width x height x channels | decoded | error | caption |",
         "|---:|---|---|---|---|---|---|",
     ]
     for r in shown:

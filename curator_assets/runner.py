@@ -245,3 +245,79 @@ def _print_outcome(o: ShardOutcome, as_json: bool, out) -> None:
     parts += [f"check {name} {'passed' if passed else 'FAILED'}" for name, passed in o.checks.items()]
     parts += [f"ERROR {e}" for e in o.errors]
     print(f"{o.key}: {'ok' if o.ok else 'FAILED'} in {o.seconds:.1f}s | " + " | ".join(parts), file=out, flush=True)
+
+
+def rerun_failed(
+    path: str,
+    *,
+    index_url: str | None = None,
+    output_url: str | None = None,
+    as_json: bool = False,
+    out=None,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    """``curator-assets rerun-failed``: run the pipeline again on the shards of ``path`` whose
+    pipeline failed or is incomplete in ``$DAGSTER_HOME`` (the catch-up schedule's selection),
+    and nothing else; then the dataset summary. Exit 0 when nothing needed it or all passed."""
+    import dagster as dg
+
+    from curator_assets.definitions import build_definitions
+    from curator_assets.defs.partitions import MAX_SHARDS_PER_RUN, contiguous_ranges, range_tags, shards
+    from curator_assets.defs.resources import storage_from_env
+    from curator_assets.defs.schedules import incomplete_shards
+    from curator_assets.storage import StorageError
+
+    out = out or sys.stdout
+    if not os.environ.get("DAGSTER_HOME"):
+        print("curator-assets: rerun-failed reads the run history in $DAGSTER_HOME: set it to the "
+              "instance that `run`, the sensor or the UI used", file=sys.stderr)
+        return 2
+    storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
+                               extra_options=storage_options)
+    try:
+        listed = {s.key for s in storage.dataset().list_shards().shards}
+    except StorageError as exc:
+        print(f"curator-assets: {exc}", file=sys.stderr)
+        return 1
+    instance = dg.DagsterInstance.get()
+    _recover_dead_runs(instance, out)
+    order = list(instance.get_dynamic_partitions(shards.name))
+    pending = [k for k in incomplete_shards(instance) if k in listed]
+    gone = [k for k in incomplete_shards(instance) if k not in listed]
+    if gone:
+        print(f"curator-assets: {len(gone)} incomplete shard(s) are no longer in {path}: not rerun", file=sys.stderr)
+    if not pending:
+        print("every shard has completed the pipeline: nothing to rerun", file=sys.stderr if as_json else out)
+        return 0
+    if not as_json:
+        print(f"rerunning {len(pending)} shard(s) that failed or did not complete", file=out, flush=True)
+    job = build_definitions(storage).resolve_job_def("shard_pipeline")
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    from curator_assets.progress import progress
+
+    outcomes = []
+    bar = progress(len(pending), as_json=as_json, desc="rerun")
+    for chunk in contiguous_ranges(pending, order, MAX_SHARDS_PER_RUN):
+        start = time.perf_counter()
+        where = {"partition_key": chunk[0]} if len(chunk) == 1 else {"tags": range_tags(chunk)}
+        result = job.execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+            **{**where, "tags": {"curator/reason": "curator-assets rerun-failed", PID_TAG: _owner(),
+                                 **where.get("tags", {})}},
+        )
+        seconds = (time.perf_counter() - start) / len(chunk)
+        events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event]
+        for outcome in _outcomes(events, chunk, seconds):
+            outcomes.append(outcome)
+            with bar.external():
+                _print_outcome(outcome, as_json, out)
+            bar.step(int(outcome.assets.get("decoded_images", {}).get("decoded") or 0))
+    bar.close()
+    dataset_line = _dataset_summary(instance, storage, as_json, out)
+    failed = [o.key for o in outcomes if not o.ok]
+    if not as_json:
+        print(f"{len(outcomes)} shard(s) rerun: {len(outcomes) - len(failed)} ok, {len(failed)} failed"
+              + (f" ({', '.join(failed)})" if failed else ""), file=out)
+        print(_where(storage.dataset()), file=out)
+    return 1 if failed or not dataset_line else 0

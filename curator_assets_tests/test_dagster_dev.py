@@ -36,7 +36,9 @@ def gql(url: str, query: str, variables: dict | None = None) -> dict:
     return body["data"]
 
 
-RUNS = """{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"""
+RUNS = """{ runsOrError { ... on Runs { results { runId jobName status tags { key value } } } } }"""
+LATEST = """query($path: [String!]!) { assetOrError(assetKey: {path: $path}) {
+  ... on Asset { assetMaterializations(limit: 1) { runId metadataEntries { label } } } } }"""
 SENSOR = """query($sel: SensorSelector!) { sensorOrError(sensorSelector: $sel) {
   __typename ... on Sensor { sensorState { status } } ... on PythonError { message } } }"""
 ASSETS = """{ assetNodes { assetKey { path } groupName kinds } }"""
@@ -116,7 +118,7 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
     deadline = time.time() + 240
     runs: list[dict] = []
     while time.time() < deadline:
-        runs = gql(url, RUNS)["runsOrError"]["results"]
+        runs = [r for r in gql(url, RUNS)["runsOrError"]["results"] if r["jobName"] == "shard_pipeline"]
         done = [r for r in runs if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
         if len(runs) >= 2 and len(done) == len(runs):
             break
@@ -129,6 +131,17 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
     for key in ("00000", "00002", "00003", "part-a/00001"):
         assert (tmp_path / "dataset" / f"{key}.idx").exists()
         assert (tmp_path / "dataset" / "_curator" / "manifests" / f"{key}.parquet").exists()
+
+    # The dataset summaries follow on their own (their automation condition sensor is on too).
+    deadline = time.time() + 180
+    latest: list = []
+    while time.time() < deadline:
+        latest = gql(url, LATEST, {"path": ["dataset_decode_summary"]})["assetOrError"]["assetMaterializations"]
+        if latest:
+            break
+        time.sleep(2)
+    assert latest, "dataset_decode_summary was not materialized without a click"
+    assert {"image_sizes", "duplicate_images", "records"} <= {e["label"] for e in latest[0]["metadataEntries"]}
 
 
 BACKFILL = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {

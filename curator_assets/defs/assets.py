@@ -20,6 +20,15 @@ from curator_assets.defs.resources import ShardStorage
 from curator_assets.index import IndexFormatError, ensure_index
 from curator_assets.manifest import markdown_preview
 from curator_assets.storage import StorageError
+from curator_assets.summary import (
+    contact_sheet,
+    failures_picture,
+    png_markdown,
+    sample_members,
+    size_picture,
+    summarize_decode,
+    summary_markdown,
+)
 from curator_assets.tar_members import TarError
 from curator_assets.validation import summarize_dataset, validate_shard, write_report, write_summary
 
@@ -193,11 +202,24 @@ def shard_validation(
 
 DATASET_GROUP = "dataset"  # outside "shards": the per-shard job must not select dataset-wide assets
 
+# Dataset-wide assets follow the shard runs on their own: materialized again once any shard's
+# upstream asset has a new materialization and no shard run is in progress (never the per-shard
+# work again). Unlike AutomationCondition.eager(), a shard that is missing (failed, not yet run)
+# does not hold the summary back. Evaluated by an automation condition sensor: Dagster 1.13
+# creates `default_automation_condition_sensor` STOPPED, so defs/automation.py declares one that
+# starts RUNNING (CURATOR_AUTOMATION=off pauses it, as it does the shard sensor and schedule).
+AFTER_SHARD_RUNS = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("after shard runs")
+
 
 @dg.asset(
     group_name=DATASET_GROUP,
     deps=[shard_validation],
     kinds={"python"},
+    automation_condition=AFTER_SHARD_RUNS,
     description="All shard validation reports together: problems by code, and record IDs found in more than one shard.",
 )
 def dataset_validation_summary(context: dg.AssetExecutionContext, storage: ShardStorage) -> dg.MaterializeResult:
@@ -252,7 +274,16 @@ def _blocked(context: dg.AssetExecutionContext, key: str) -> str | None:
     return None
 
 
-def _decode_metadata(result, rows) -> dict[str, object]:
+def _contact_sheet(dataset, key: str, rows) -> dict[str, object]:
+    """A grid of ~16 thumbnails of the shard's decoded images (none when nothing could be drawn)."""
+    try:
+        png = contact_sheet(dataset, key, sample_members(rows))
+    except (OSError, ValueError):  # a picture is a courtesy: the shard's outcome stands without it
+        return {}
+    return {"contact_sheet": dg.MetadataValue.md(png_markdown(png))} if png else {}
+
+
+def _decode_metadata(result, rows, sheet: dict[str, object] | None = None) -> dict[str, object]:
     return {
         "records": result.records,
         "decoded": result.decoded,
@@ -266,6 +297,7 @@ def _decode_metadata(result, rows) -> dict[str, object]:
         "seconds": round(result.seconds, 4),
         "manifest_path": dg.MetadataValue.path(result.manifest_url or ""),
         "preview": dg.MetadataValue.md(markdown_preview(rows)),
+        **(sheet or {}),
     }
 
 
@@ -284,8 +316,8 @@ def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: D
     notes = list(result.problems) + [f"{record_id}: {error}" for record_id, error in result.errors[:10]]
     if notes:  # one event per shard: every event is a write to the instance
         context.log.warning(f"shard {key}: {result.failed} record(s) not decoded:\n" + "\n".join(notes))
-    context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key,
-                                              metadata=_decode_metadata(result, rows)))
+    metadata = _decode_metadata(result, rows, _contact_sheet(dataset, key, rows))
+    context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=metadata))
     return None
 
 
@@ -314,3 +346,34 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
     context.log.info(f"{len(context.partition_keys) - len(failed)} shard(s) decoded, {len(failed)} failed")
     fail_shards(context, failed, "not decoded")
     yield from ()  # nothing more: every shard's materialization is already recorded
+
+
+@dg.asset(
+    group_name=DATASET_GROUP,
+    deps=[decoded_images],
+    kinds={"python"},
+    automation_condition=AFTER_SHARD_RUNS,
+    description="Every shard's decode manifest together (only the columns it needs): records, decoded, failed "
+    "by code, bytes, images/s, devices; image sizes and aspect ratios and failures by shard as pictures; "
+    "exact duplicate images (same sha256) across shards.",
+)
+def dataset_decode_summary(context: dg.AssetExecutionContext, storage: ShardStorage) -> dg.MaterializeResult:
+    dataset = storage.dataset()
+    try:
+        summary = summarize_decode(dataset, [s.key for s in dataset.list_shards().shards])
+    except (StorageError, ValueError) as exc:
+        raise dg.Failure(description=f"decode summary: {exc}", allow_retries=False) from exc
+    if summary.missing:
+        context.log.warning(f"{len(summary.missing)} shard(s) have no manifest yet")
+    for key, why in summary.unreadable[:10]:
+        context.log.error(f"shard {key}: manifest unreadable: {why}")
+    if summary.duplicate_images:
+        context.log.warning(f"{summary.duplicate_images} image(s) occur in more than one shard")
+    md = summary.metadata()
+    metadata = {k: v for k, v in md.items() if not isinstance(v, (dict, list))}
+    metadata.update({k: dg.MetadataValue.json(md[k]) for k in ("devices", "failures_by_code", "duplicate_examples")})
+    metadata["missing_manifests_list"] = dg.MetadataValue.json(summary.missing[:100])
+    metadata["summary"] = dg.MetadataValue.md(summary_markdown(summary))
+    metadata["image_sizes"] = dg.MetadataValue.md(png_markdown(size_picture(summary), "image sizes"))
+    metadata["failures_by_shard"] = dg.MetadataValue.md(png_markdown(failures_picture(summary), "failures by shard"))
+    return dg.MaterializeResult(metadata=metadata)
