@@ -62,7 +62,7 @@ def run_pipeline(
     import dagster as dg
 
     from curator_assets.definitions import build_definitions
-    from curator_assets.defs.partitions import MAX_SHARDS_PER_RUN, contiguous_ranges, range_tags, shards
+    from curator_assets.defs.partitions import shards
     from curator_assets.defs.resources import storage_from_env
     from curator_assets.storage import StorageError
 
@@ -93,24 +93,7 @@ def run_pipeline(
 
     # Dagster's per-event console logging would drown the summary; every error is in it below.
     logging.getLogger("dagster").setLevel(logging.WARNING)
-    outcomes = []
-    # Several shards per run, as the sensor does: each run's steps, DALI pipelines and dataset
-    # handle serve all its shards; every shard keeps its own partition and outcome.
-    for chunk in contiguous_ranges(keys, existing + missing, MAX_SHARDS_PER_RUN):
-        start = time.perf_counter()
-        where = {"partition_key": chunk[0]} if len(chunk) == 1 else {"tags": range_tags(chunk)}
-        result = job.execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            **{**where, "tags": {"curator/reason": "curator-assets run", PID_TAG: _owner(),
-                                 **where.get("tags", {})}},
-        )
-        seconds = (time.perf_counter() - start) / len(chunk)
-        events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event]
-        for outcome in _outcomes(events, chunk, seconds):
-            outcomes.append(outcome)
-            _print_outcome(outcome, as_json, out)
+    outcomes = run_ranges(job, instance, keys, existing + missing, as_json, out, reason="curator-assets run")
 
     dataset_line = _dataset_summary(instance, storage, as_json, out)
     failed = [o.key for o in outcomes if not o.ok]
@@ -166,6 +149,36 @@ def _where(dataset) -> str:
     indexes = dataset.url_of(dataset.index_root, dataset.index_fs) if dataset.index_root else "beside the tars"
     output = dataset.url_of(dataset.output_root, dataset.output_fs)
     return f"indexes: {indexes}; reports: {output}/validation; manifests: {output}/manifests"
+
+
+def run_ranges(job, instance, keys: list[str], order: list[str], as_json: bool, out, *, reason: str,
+               desc: str = "shards") -> list[ShardOutcome]:
+    """Run ``job`` over ``keys`` in ranges of consecutive partitions of ``order`` (several shards
+    per run, as the sensor does: each run's steps, DALI pipelines and dataset handle serve all its
+    shards; every shard keeps its own partition and outcome), printing each shard's outcome, with
+    a progress bar on a terminal."""
+    from curator_assets.defs.partitions import MAX_SHARDS_PER_RUN, contiguous_ranges, range_tags
+    from curator_assets.progress import progress
+
+    outcomes = []
+    bar = progress(len(keys), as_json=as_json, desc=desc)
+    for chunk in contiguous_ranges(keys, order, MAX_SHARDS_PER_RUN):
+        start = time.perf_counter()
+        where = {"partition_key": chunk[0]} if len(chunk) == 1 else {"tags": range_tags(chunk)}
+        result = job.execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+            **{**where, "tags": {"curator/reason": reason, PID_TAG: _owner(), **where.get("tags", {})}},
+        )
+        seconds = (time.perf_counter() - start) / len(chunk)
+        events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event]
+        for outcome in _outcomes(events, chunk, seconds):
+            outcomes.append(outcome)
+            with bar.external():
+                _print_outcome(outcome, as_json, out)
+            bar.step(int(outcome.assets.get("decoded_images", {}).get("decoded") or 0))
+    bar.close()
+    return outcomes
 
 
 def _outcomes(events, chunk: list[str], seconds: float) -> list[ShardOutcome]:
@@ -262,7 +275,7 @@ def rerun_failed(
     import dagster as dg
 
     from curator_assets.definitions import build_definitions
-    from curator_assets.defs.partitions import MAX_SHARDS_PER_RUN, contiguous_ranges, range_tags, shards
+    from curator_assets.defs.partitions import shards
     from curator_assets.defs.resources import storage_from_env
     from curator_assets.defs.schedules import incomplete_shards
     from curator_assets.storage import StorageError
@@ -293,27 +306,8 @@ def rerun_failed(
         print(f"rerunning {len(pending)} shard(s) that failed or did not complete", file=out, flush=True)
     job = build_definitions(storage).resolve_job_def("shard_pipeline")
     logging.getLogger("dagster").setLevel(logging.WARNING)
-    from curator_assets.progress import progress
-
-    outcomes = []
-    bar = progress(len(pending), as_json=as_json, desc="rerun")
-    for chunk in contiguous_ranges(pending, order, MAX_SHARDS_PER_RUN):
-        start = time.perf_counter()
-        where = {"partition_key": chunk[0]} if len(chunk) == 1 else {"tags": range_tags(chunk)}
-        result = job.execute_in_process(
-            instance=instance, raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            **{**where, "tags": {"curator/reason": "curator-assets rerun-failed", PID_TAG: _owner(),
-                                 **where.get("tags", {})}},
-        )
-        seconds = (time.perf_counter() - start) / len(chunk)
-        events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event]
-        for outcome in _outcomes(events, chunk, seconds):
-            outcomes.append(outcome)
-            with bar.external():
-                _print_outcome(outcome, as_json, out)
-            bar.step(int(outcome.assets.get("decoded_images", {}).get("decoded") or 0))
-    bar.close()
+    outcomes = run_ranges(job, instance, pending, order, as_json, out, reason="curator-assets rerun-failed",
+                          desc="rerun")
     dataset_line = _dataset_summary(instance, storage, as_json, out)
     failed = [o.key for o in outcomes if not o.ok]
     if not as_json:
