@@ -890,7 +890,7 @@ class ShardDecoder:
             return ImageDecoder(self.device, self.options)
         from curator_assets.decode_worker import ContainedDecoder
 
-        return ContainedDecoder(self.device, self.options)
+        return ContainedDecoder(self.device, self.options)  # takes an idle worker's process if one waits
 
     @property
     def contained(self) -> bool:
@@ -898,11 +898,21 @@ class ShardDecoder:
         return self.options.contain_crashes
 
     def close(self) -> None:
-        """Stop the worker processes, if any (they also stop when this process ends)."""
-        for decoder in self.decoders:
-            close = getattr(decoder, "close", None)
-            if close is not None:
-                close()
+        """Hand the worker processes, if any, to the next decoder with these options (idle ones
+        stop when this process ends). The decoder stays usable: it takes workers again."""
+        if not self.contained:
+            return
+        from curator_assets.decode_worker import release
+
+        done, self.decoders = self.decoders, [self._image_decoder() for _ in self.decoders]  # started on use
+        for decoder in done:
+            release(decoder)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the pool may be gone; the workers exit anyway
+            pass
 
     def reader_for(self, dataset, plan: ShardPlan) -> str:
         """``stream`` (decoded in the worker processes when crashes are contained) or ``dali``

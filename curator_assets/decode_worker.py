@@ -208,11 +208,14 @@ class ContainedDecoder:
         self.restarts = 0  # workers started after one died
         self._process = None
         self._conn = None
+        self.key: tuple | None = None  # what the running worker was started with (see _wanted)
         self._lock = threading.Lock()
 
     def build(self) -> None:
-        """Start the worker and wait until its pipeline is built; a build failure raises
-        RuntimeError with DALI's message (as an in-process build would)."""
+        """Start the worker and wait until its pipeline is built (nothing to do while it runs); a
+        build failure raises RuntimeError with DALI's message (as an in-process build would)."""
+        if self.alive or self._adopt():
+            return
         process, parent = _start_worker()
         try:
             parent.send((self.device, self.options))
@@ -225,7 +228,7 @@ class ContainedDecoder:
             parent.close()
             process.wait()
             raise RuntimeError(reply[1])
-        self._process, self._conn = process, parent
+        self._process, self._conn, self.key = process, parent, self._wanted()
         self._builds_before += self._builds_now
         self._builds_now = reply[1]
 
@@ -291,9 +294,55 @@ class ContainedDecoder:
         if conn is not None:
             conn.close()
 
+    def _adopt(self) -> bool:
+        """Take over the process of an idle worker with the same options, if there is one."""
+        idle = _take_idle(self._wanted())
+        if idle is None:
+            return False
+        self._process, self._conn, self.key = idle._process, idle._conn, idle.key
+        idle._process = idle._conn = None
+        self._builds_before += self._builds_now
+        self._builds_now = idle._builds_now
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._conn is not None and self._process.poll() is None
+
+    def _wanted(self) -> tuple:
+        """What makes two workers interchangeable (the test hook is read when a worker starts)."""
+        return self.device, self.options, os.environ.get(CRASH_MARKER_ENV)
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+
+# Starting a worker costs seconds (a fresh interpreter importing DALI, then a pipeline build):
+# the workers of a closed shard decoder wait here for the next one with the same options.
+MAX_IDLE = 4
+_IDLE: list[ContainedDecoder] = []
+_IDLE_LOCK = threading.Lock()
+
+
+def _take_idle(key: tuple) -> ContainedDecoder | None:
+    with _IDLE_LOCK:
+        for n, worker in enumerate(_IDLE):
+            if worker.key == key and worker.alive:
+                return _IDLE.pop(n)
+    return None
+
+
+def release(worker: ContainedDecoder) -> None:
+    """Keep a running worker for the next decoder (the oldest idle one stops beyond MAX_IDLE)."""
+    if not worker.alive:
+        return
+    with _IDLE_LOCK:
+        _IDLE.append(worker)
+        extra = _IDLE[:-MAX_IDLE] if len(_IDLE) > MAX_IDLE else []
+        del _IDLE[: len(extra)]
+    for old in extra:
+        old.close()
 
 
 def _start_worker() -> tuple[subprocess.Popen, Connection]:
@@ -330,4 +379,5 @@ def _remove_leftovers(pid: int) -> None:
                 pass
 
 
-__all__: list[Any] = ["ContainedDecoder", "DecoderCrashed", "WorkerOutput", "crash_reason", "CRASH_MARKER_ENV"]
+__all__: list[Any] = ["ContainedDecoder", "DecoderCrashed", "WorkerOutput", "release", "crash_reason",
+                      "CRASH_MARKER_ENV"]
