@@ -34,8 +34,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from multiprocessing.connection import Connection
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,8 @@ from curator_assets.decode import BatchDecodeFailed, DecodeOptions, DeviceChoice
 
 CRASH_MARKER_ENV = "CURATOR_TEST_CRASH_MARKER"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where curator_assets is
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from curator_assets.decode_worker import main; main(int(sys.argv[2]))"
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from curator_assets.decode_worker import main; main(int(sys.argv[2]))")
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
