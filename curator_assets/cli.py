@@ -275,7 +275,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     try:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
                                 hw_decoder_load=args.hw_decoder_load, fast_idct=args.fast_idct,
-                                reader=args.reader, pipelines=args.pipelines, max_pixels=args.max_pixels)
+                                reader=args.reader, pipelines=args.pipelines, max_pixels=args.max_pixels,
+                                contain_crashes=args.contain_crashes)
         decoder = ShardDecoder(options)
     except (ValueError, DecodeError) as exc:
         _err(str(exc))
@@ -402,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never decode an image whose header declares more pixels (default: 100 megapixels)")
     p.add_argument("--reader", choices=("auto", "stream", "dali"), default="auto",
                    help="stream: ranged reads through fsspec (any store); dali: DALI's webdataset reader (local)")
+    p.add_argument("--contain-crashes", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode in worker processes, so a decoder crash on a corrupt image fails that record "
+                        "(\"decoder crashed (signal N)\") instead of the command (default: on; "
+                        "--reader dali is never contained)")
     p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")
     p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                    metavar="KEY=VALUE", help="fsspec storage option (repeatable)")

@@ -148,6 +148,11 @@ class DecodeOptions:
     pipelines: int = 2
     # Images whose header declares more pixels are failed as image_too_large, never decoded.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Decode in supervised worker processes (curator_assets.decode_worker), so that a decoder
+    # that dies on a corrupt image (SIGSEGV in a codec) fails that record, not the caller.
+    # Decoded pixels come back through shared memory, on the host. Off: DALI runs in this
+    # process (GPU images stay on the device). decode_shard and the CLI: on; iter_batches: off.
+    contain_crashes: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -737,6 +742,8 @@ def _decoder_args(device: DeviceChoice, options: DecodeOptions) -> dict[str, Any
 class BatchDecodeFailed(RuntimeError):
     """DALI failed a run; the message is DALI's, shortened."""
 
+    crashed = False  # True: the decoder process died on the batch (see curator_assets.decode_worker)
+
 
 def _short_dali_error(exc: BaseException) -> str:
     text = str(exc)
@@ -788,8 +795,9 @@ class ImageDecoder:
         self._tensor_list = _tensor_list_cpu()
         self.builds += 1
 
-    def run(self, arrays: Sequence[np.ndarray]):
-        """Decode; returns DALI's output batch or raises :class:`BatchDecodeFailed`."""
+    def run(self, arrays: Sequence[np.ndarray], keep_pixels: bool = True):
+        """Decode; returns DALI's output batch or raises :class:`BatchDecodeFailed`.
+        (``keep_pixels`` matters to a contained decoder only: its pixels cross a process.)"""
         if self.pipe is None:
             self.build()
         try:
@@ -801,6 +809,14 @@ class ImageDecoder:
             self.pipe = None
             raise BatchDecodeFailed(_short_dali_error(exc)) from exc
         return out
+
+
+def _failure_reason(exc: BatchDecodeFailed, image: np.ndarray) -> str:
+    """A record's error when it failed on its own. A crashed decoder says only that (and the
+    signal): nothing else may touch bytes that kill a codec."""
+    if exc.crashed:
+        return str(exc)
+    return f"DALI could not decode the image ({exc}); Pillow: {explain_failure(image)}"
 
 
 def _shapes(out) -> list[tuple[int, ...]]:
@@ -863,11 +879,44 @@ class ShardDecoder:
 
     def _build_pipelines(self) -> None:
         self.options = self.requested.for_device(self.device)
-        self.decoders = [ImageDecoder(self.device, self.options) for _ in range(self.options.pipelines)]
-        for decoder in self.decoders:
-            decoder.build()
+        self.decoders = [self._image_decoder() for _ in range(self.options.pipelines)]
+        with ThreadPoolExecutor(len(self.decoders)) as pool:  # the workers start side by side
+            for done in [pool.submit(d.build) for d in self.decoders]:
+                done.result()
+
+    def _image_decoder(self):
+        """An in-process :class:`ImageDecoder`, or one in a supervised worker process."""
+        if not self.options.contain_crashes:
+            return ImageDecoder(self.device, self.options)
+        from curator_assets.decode_worker import ContainedDecoder
+
+        return ContainedDecoder(self.device, self.options)  # takes an idle worker's process if one waits
+
+    @property
+    def contained(self) -> bool:
+        """Whether a decoder crash is contained (DALI runs in worker processes)."""
+        return self.options.contain_crashes
+
+    def close(self) -> None:
+        """Hand the worker processes, if any, to the next decoder with these options (idle ones
+        stop when this process ends). The decoder stays usable: it takes workers again."""
+        if not self.contained:
+            return
+        from curator_assets.decode_worker import release
+
+        done, self.decoders = self.decoders, [self._image_decoder() for _ in self.decoders]  # started on use
+        for decoder in done:
+            release(decoder)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the pool may be gone; the workers exit anyway
+            pass
 
     def reader_for(self, dataset, plan: ShardPlan) -> str:
+        """``stream`` (decoded in the worker processes when crashes are contained) or ``dali``
+        (DALI's own reader and decoder in one pipeline, in this process: not contained)."""
         want = self.options.reader
         if want == "dali":
             if not dataset.local:
@@ -927,16 +976,16 @@ class ShardDecoder:
         images: dict[int, Any] = {}
         if ready:
             try:
-                out = decoder.run([r.image for r in ready])
+                out = decoder.run([r.image for r in ready], keep_images)
             except BatchDecodeFailed:
                 alone += ready
             else:
                 self._take(ready, out, images, keep_images)
         for rec in sorted(alone, key=lambda r: r.plan.position):
             try:
-                single = decoder.run([rec.image])
+                single = decoder.run([rec.image], keep_images)
             except BatchDecodeFailed as exc:
-                rec.row.error = f"DALI could not decode the image ({exc}); Pillow: {explain_failure(rec.image)}"
+                rec.row.error = _failure_reason(exc, rec.image)
             else:
                 self._take([rec], single, images, keep_images)
         for rec in batch.records:
@@ -1204,8 +1253,13 @@ def decode_shard(
     ``report``: the validation verdict to apply (``"auto"``: the shard's stored report, trusted
     only while the tar keeps the fingerprint it was made from; None: none).
     """
+    if decoder is None:  # a decoder of its own, stopped (its workers too) when the shard is done
+        decoder = ShardDecoder(options)
+        try:
+            return decode_shard(dataset, key, decoder=decoder, write=write, preview_rows=preview_rows, report=report)
+        finally:
+            decoder.close()
     start = time.perf_counter()
-    decoder = decoder or ShardDecoder(options)
     plan = plan_shard(dataset, key, report)
     reader = decoder.reader_for(dataset, plan)
     rows: list[ManifestRow] = []
@@ -1281,6 +1335,7 @@ def iter_batches(
     device_id: int = 0,
     pipelines: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    contain_crashes: bool = False,
 ) -> Iterator[DecodedBatch]:
     """Decoded images of one or more shards, batch by batch, in tar order.
 
@@ -1295,13 +1350,23 @@ def iter_batches(
     buffers, not copies: they stay valid for as long as they are referenced, and a kept image
     keeps its batch's buffer alive (copy the few you keep out of many). Only a few batches are in
     memory at any time, whatever the shard size.
+
+    ``contain_crashes``: decode in supervised worker processes, so that a decoder crash on a
+    corrupt image fails that record instead of killing this process (see
+    :mod:`curator_assets.decode_worker`). Images then come back as numpy arrays on the host
+    (mapped from shared memory), even when decoded on a GPU. Off by default here, so that GPU
+    images stay on the device; turn it on for untrusted data.
     """
     options = DecodeOptions(device=device, batch_size=batch_size, num_threads=num_threads,
                             hw_decoder_load=hw_decoder_load, fast_idct=fast_idct, reader=reader,
-                            device_id=device_id, pipelines=pipelines, max_pixels=max_pixels)
+                            device_id=device_id, pipelines=pipelines, max_pixels=max_pixels,
+                            contain_crashes=contain_crashes)
     decoder = ShardDecoder(options)
-    for dataset, key in resolve_shards(shards, storage_options):
-        yield from decoder.batches(dataset, key, keep_images=True)
+    try:
+        for dataset, key in resolve_shards(shards, storage_options):
+            yield from decoder.batches(dataset, key, keep_images=True)
+    finally:
+        decoder.close()
 
 
 # ---------------------------------------------------------------------------------------------
