@@ -258,6 +258,7 @@ class DecodedImagesConfig(dg.Config):
     fast_idct: bool = False  # libjpeg-turbo's fast IDCT on the CPU path: faster, pixels off by a few levels
     reader: str = "auto"  # auto | stream | dali (DALI's own webdataset reader; local shards)
     max_pixels: int = 100_000_000  # an image whose header declares more is failed (image_too_large), never decoded
+    contain_crashes: bool = True  # DALI in supervised worker processes: a decoder crash fails one record
 
 
 def _blocked(context: dg.AssetExecutionContext, key: str) -> str | None:
@@ -335,7 +336,7 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
         options = DecodeOptions(
             device=config.device, batch_size=config.batch_size or None, num_threads=config.num_threads or None,
             hw_decoder_load=config.hw_decoder_load, fast_idct=config.fast_idct, reader=config.reader,
-            pipelines=config.pipelines, max_pixels=config.max_pixels,
+            pipelines=config.pipelines, max_pixels=config.max_pixels, contain_crashes=config.contain_crashes,
         )
     except ValueError as exc:
         raise dg.Failure(description=f"decoded_images config: {exc}", allow_retries=False) from exc
