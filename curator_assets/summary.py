@@ -361,7 +361,9 @@ def _grid_png(thumbs: list, thumb: int) -> bytes:
         x, y = (i % cols) * (thumb + 2), (i // cols) * (thumb + 2)
         sheet.paste(t, (x + (thumb - t.width) // 2, y + (thumb - t.height) // 2))
     buf = io.BytesIO()
-    sheet.quantize(colors=256).save(buf, format="PNG", optimize=True)  # a palette: a photo sheet fits
+    # A palette (a photo sheet then fits the size limit); the fast octree quantizer and no extra
+    # zlib passes: median cut and optimize=True cost ~0.4 s a sheet, as much as decoding a shard.
+    sheet.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG")
     return buf.getvalue()
 
 
