@@ -4,7 +4,10 @@ pipeline over them, several shards per run."""
 
 from __future__ import annotations
 
+import html
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,7 +108,10 @@ def failures(home: Path) -> str:
         return "\n".join(out)
 
 
-def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
+def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) -> None:
+    import pyarrow.parquet as pq
+    from PIL import Image
+
     url, tmp_path = dagster_dev
     nodes = {"/".join(n["assetKey"]["path"]): n for n in gql(url, ASSETS)["assetNodes"]}
     assert "shard_index" in nodes and nodes["shard_index"]["groupName"] == "shards"
@@ -142,6 +148,66 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev) -> None:
         time.sleep(2)
     assert latest, "dataset_decode_summary was not materialized without a click"
     assert {"image_sizes", "duplicate_images", "records"} <= {e["label"] for e in latest[0]["metadataEntries"]}
+
+    # A shard deleted and uploaded again with other bytes is processed again.
+    shard = tmp_path / "dataset" / "00002.tar"
+    shard.unlink()
+    time.sleep(4)  # a few sensor ticks see it gone
+    make_shard("00002.tar", n=3)
+    deadline = time.time() + 240
+    rerun: list[dict] = []
+    while time.time() < deadline:
+        rerun = [r for r in gql(url, RUNS)["runsOrError"]["results"] if r["jobName"] == "shard_pipeline"
+                 and {"key": "dagster/partition", "value": "00002"} in r["tags"]]
+        if rerun and rerun[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    assert rerun and rerun[0]["status"] == "SUCCESS", (rerun, failures(tmp_path / "home"))
+    manifest = pq.read_table(tmp_path / "dataset" / "_curator" / "manifests" / "00002.parquet")
+    assert manifest.num_rows == 3  # the new bytes, not the old two records
+
+    # What a user sees: the pages rendered by headless Chromium.
+    base = url.removesuffix("/graphql")
+    text = rendered_text(base + "/assets/decoded_images?view=partitions&partition=00002", tmp_path)
+    for expected in ("00000", "00003", "part-a/00001", "Materialized (4)", "decoded", "manifest_path",
+                     "width x height x channels"):
+        assert expected in text, (expected, text[:2000])
+    summary = rendered_text(base + "/assets/dataset_decode_summary", tmp_path)
+    for expected in ("duplicate_images", "records", "images_per_s"):
+        assert expected in summary, (expected, summary[:2000])
+    shot = screenshot(base + "/assets/decoded_images?view=partitions&partition=00000", tmp_path)
+    with Image.open(shot) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50, "the screenshot is blank"
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp_path: Path) -> list[str]:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("needs Debian's chromium for the browser checks (apt-get install chromium)")
+    return [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=20000"]
+
+
+def rendered_text(page: str, tmp_path: Path) -> str:
+    """The page's text after the UI's scripts ran (the DOM Chromium rendered, tags stripped)."""
+    dom = subprocess.run([*chromium(tmp_path), "--dump-dom", page], capture_output=True, text=True,
+                         timeout=120).stdout
+    dom = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
+
+
+def screenshot(page: str, tmp_path: Path) -> Path:
+    out = tmp_path / "partitions.png"  # kept under the test's temp folder
+    subprocess.run([*chromium(tmp_path), "--window-size=1400,1000", f"--screenshot={out}", page],
+                   capture_output=True, timeout=120)
+    assert out.exists() and out.stat().st_size > 0
+    return out
 
 
 BACKFILL = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
