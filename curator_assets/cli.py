@@ -347,25 +347,25 @@ def cmd_rerun_failed(args: argparse.Namespace) -> int:
                         storage_options=dict(args.storage_options or []))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="curator-assets",
-        description="Index, validate and decode WebDataset image shards (local, s3://, gs://, az://).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("index", help="write a DALI .idx (wds2idx v1.2) for each shard")
-    p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
-    p.add_argument("--index-dir", metavar="URL", help="write indexes here instead of beside the tars")
+def _storage_option_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                    metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable; "
                    "pass secrets through the environment instead)")
+
+
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="write a DALI .idx (wds2idx v1.2) for each shard")
+    p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
+    p.add_argument("--index-dir", metavar="URL", help="write indexes here instead of beside the tars")
+    _storage_option_arg(p)
     p.add_argument("--force", action="store_true", help="rebuild indexes that are up to date")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes for local shards (default: one per core)")
     p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
     p.set_defaults(func=cmd_index)
 
+
+def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check tar structure, .idx, record IDs, image headers and side files")
     p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
     p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
@@ -378,12 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each report to <output>/validation/<key>.json, where decode reads its verdict")
     p.add_argument("--output", metavar="URL",
                    help="the output location for --write-report (implies it; default: <dataset>/_curator)")
-    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
-                   metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    _storage_option_arg(p)
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes for local shards (default: one per core)")
     p.set_defaults(func=cmd_validate)
 
+
+def _add_decode(sub) -> None:
     p = sub.add_parser("decode", help="decode every image with DALI (GPU if available) and write Parquet manifests")
     p.add_argument("paths", nargs="+", metavar="PATH_OR_URL", help="dataset folder(s) or .tar file(s)")
     p.add_argument("--output", metavar="URL", help="where manifests go (default: <dataset>/_curator)")
@@ -408,38 +409,54 @@ def build_parser() -> argparse.ArgumentParser:
                         "(\"decoder crashed (signal N)\") instead of the command (default: on; "
                         "--reader dali is never contained)")
     p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")
-    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
-                   metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    _storage_option_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per shard per line")
     p.set_defaults(func=cmd_decode)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build the demo dataset of real photos")
-    p.add_argument("dir", nargs="?", default="demo_data", metavar="DIR")
-    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("dir", nargs="?", default="demo_data", metavar="DIR",
+                   help="folder to write it to (default: demo_data)")
+    p.add_argument("--shards", type=int, default=4, help="number of shards (default: 4)")
     p.add_argument("--records", type=int, default=250, help="records per shard")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the whole pipeline through Dagster, in-process")
     p.add_argument("path", metavar="PATH_OR_URL", help="dataset folder (or one .tar), local or a URL")
     p.add_argument("--index-dir", metavar="URL", help="write indexes here instead of beside the tars")
     p.add_argument("--output", metavar="URL",
                    help="where reports and manifests go (default: <index or dataset>/_curator)")
-    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
-                   metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable; "
-                   "pass secrets through the environment instead)")
+    _storage_option_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per shard, then one for the dataset")
     p.set_defaults(func=cmd_run)
 
+
+def _add_rerun_failed(sub) -> None:
     p = sub.add_parser("rerun-failed", help="run the pipeline again on the shards whose pipeline failed or is "
                        "incomplete in $DAGSTER_HOME, and on no other")
     p.add_argument("path", metavar="PATH_OR_URL", help="the dataset folder (or URL) that `run` or the sensor used")
     p.add_argument("--index-dir", metavar="URL", help="where the indexes go, as given to `run`")
     p.add_argument("--output", metavar="URL", help="where reports and manifests go, as given to `run`")
-    p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
-                   metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    _storage_option_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per shard rerun, then one for the dataset")
     p.set_defaults(func=cmd_rerun_failed)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curator-assets",
+        description="Index, validate and decode WebDataset image shards (local, s3://, gs://, az://).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_index(sub)
+    _add_validate(sub)
+    _add_decode(sub)
+    _add_demo(sub)
+    _add_run(sub)
+    _add_rerun_failed(sub)
     return parser
 
 

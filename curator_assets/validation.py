@@ -399,6 +399,70 @@ def _record_id_problem(key: str) -> str | None:
     return None
 
 
+def _opened(fileobj: BinaryIO, total_size: int | None):
+    """(seekable file, ranged reader, fd or None, size): a stream is read into memory first."""
+    try:
+        seekable = bool(fileobj.seekable())
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    if not seekable:
+        data = fileobj.read()
+        fileobj, total_size = io.BytesIO(data), len(data)
+    fileobj.seek(0)
+    read_at = _reader(fileobj)
+    fd = getattr(read_at, "fd", None)
+    if total_size is None:
+        if fd is not None:
+            total_size = os.fstat(fd).st_size
+        else:
+            size_attr = getattr(fileobj, "size", None)
+            total_size = size_attr if isinstance(size_attr, int) else fileobj.seek(0, os.SEEK_END)
+            fileobj.seek(0)
+    return fileobj, read_at, fd, total_size
+
+
+def _scanned_members(fileobj: BinaryIO, read_at, total_size: int, out: _Collector) -> list[Member]:
+    """Every member the recovering scanner finds; each damaged spot becomes a problem."""
+    members: list[Member] = []
+    for item in scan_members(fileobj, recover=True, total_size=total_size):
+        if isinstance(item, Member):
+            members.append(item)
+            continue
+        problem: TarProblem = item
+        member = None
+        if problem.code == "tar_truncated" and members and members[-1].type not in NO_DATA_TYPES and (
+            members[-1].offset + members[-1].size > total_size
+        ):
+            member = members.pop().name  # its data is cut off: not readable, not counted
+        code = problem.code if problem.code in CODES else "tar_bad_header"
+        detail = f"{problem.detail} (at byte {problem.offset})"
+        if problem.offset == 0 and not members and not out.problems:
+            why = not_a_tar(read_at(0, BLOCK))
+            if why is not None:
+                code, detail = "not_a_tar", why
+        out.add(code, detail, split_key(member)[0] if member else None, member)
+    return members
+
+
+def _check_non_components(members: list[Member], out: _Collector) -> None:
+    """Members that are no record component: stray files, volume labels, links, devices."""
+    for m in members:
+        if m.is_file:
+            if is_component(m):
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            if base.startswith(".") and base[1:].lower() in IMAGE_EXTS:
+                out.add("bad_record_id", "empty record ID: the name starts with a dot, so readers disagree "
+                        "on whether it is a record", "", m.name)
+            elif base:
+                why = "hidden file" if base.startswith(".") else "no extension"
+                out.add("stray_member", f"{why}: not part of any record", None, m.name)
+        elif m.type == "V":  # a GNU volume label: every reader skips it, so no reason to block a shard
+            out.add("stray_member", f"volume label {m.name!r}: readers skip it", None, m.name)
+        elif m.type not in ("5", "D"):  # directories (GNU incremental dumps write them as 'D') are normal
+            out.add("unsupported_member", f"{m.type_name} member: readers cannot use it", None, m.name)
+
+
 def validate_file(
     fileobj: BinaryIO,
     *,
@@ -420,23 +484,7 @@ def validate_file(
     """
     start = time.perf_counter()
     levels = resolve_severities(severities)
-    try:
-        seekable = bool(fileobj.seekable())
-    except (AttributeError, OSError, ValueError):
-        seekable = False
-    if not seekable:
-        data = fileobj.read()
-        fileobj, total_size = io.BytesIO(data), len(data)
-    fileobj.seek(0)
-    read_at = _reader(fileobj)
-    fd = getattr(read_at, "fd", None)
-    if total_size is None:
-        if fd is not None:
-            total_size = os.fstat(fd).st_size
-        else:
-            size_attr = getattr(fileobj, "size", None)
-            total_size = size_attr if isinstance(size_attr, int) else fileobj.seek(0, os.SEEK_END)
-            fileobj.seek(0)
+    fileobj, read_at, fd, total_size = _opened(fileobj, total_size)
 
     if fast and fd is not None:
         report = _fast_validate(
@@ -451,43 +499,12 @@ def validate_file(
     report = ShardReport(shard=shard, key=key, bytes=total_size, max_pixels=max_pixels)
 
     # 1. Tar structure: every member the recovering scanner finds; damaged ones are reported.
-    members: list[Member] = []
-    for item in scan_members(fileobj, recover=True, total_size=total_size):
-        if isinstance(item, Member):
-            members.append(item)
-            continue
-        problem: TarProblem = item
-        member = None
-        if problem.code == "tar_truncated" and members and members[-1].type not in NO_DATA_TYPES and (
-            members[-1].offset + members[-1].size > total_size
-        ):
-            member = members.pop().name  # its data is cut off: not readable, not counted
-        code = problem.code if problem.code in CODES else "tar_bad_header"
-        detail = f"{problem.detail} (at byte {problem.offset})"
-        if problem.offset == 0 and not members and not out.problems:
-            why = not_a_tar(read_at(0, BLOCK))
-            if why is not None:
-                code, detail = "not_a_tar", why
-        out.add(code, detail, split_key(member)[0] if member else None, member)
+    members = _scanned_members(fileobj, read_at, total_size, out)
     tar_damaged = bool(out.problems)
     report.members = len(members)
 
     # 2. Members that are no record component.
-    for m in members:
-        if m.is_file:
-            if is_component(m):
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            if base.startswith(".") and base[1:].lower() in IMAGE_EXTS:
-                out.add("bad_record_id", "empty record ID: the name starts with a dot, so readers disagree "
-                        "on whether it is a record", "", m.name)
-            elif base:
-                why = "hidden file" if base.startswith(".") else "no extension"
-                out.add("stray_member", f"{why}: not part of any record", None, m.name)
-        elif m.type == "V":  # a GNU volume label: every reader skips it, so no reason to block a shard
-            out.add("stray_member", f"volume label {m.name!r}: readers skip it", None, m.name)
-        elif m.type not in ("5", "D"):  # directories (GNU incremental dumps write them as 'D') are normal
-            out.add("unsupported_member", f"{m.type_name} member: readers cannot use it", None, m.name)
+    _check_non_components(members, out)
 
     # 3. Records and their IDs.
     records = group_records(members)
