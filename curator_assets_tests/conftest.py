@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import tarfile
 from collections.abc import Callable, Iterable
@@ -12,6 +13,20 @@ import pytest
 from curator_assets.demo import PhotoRecord, photo_records, write_shard
 
 pytest_plugins = ["curator_assets_tests.emulators"]
+
+
+@pytest.fixture(autouse=True)
+def no_instance_left_current():
+    """Every test leaves no Dagster instance "current". An instance entered and never exited (a
+    schedule context left to the garbage collector, say) resets that state whenever it happens to
+    be collected, and later code that loads definitions outside an instance then fails far from the
+    cause. Collecting here makes such a leak fail in the test that made it, every time."""
+    from dagster._core.storage.defs_state.base import DefsStateStorage
+
+    before = DefsStateStorage.get()
+    yield
+    gc.collect()
+    assert DefsStateStorage.get() is before, "the test left a Dagster instance entered (use `with`)"
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,14 @@ def instance():
         yield inst
 
 
+def schedule_tick(schedule, instance: dg.DagsterInstance):
+    """One evaluation of a schedule, as the daemon runs it. The context is closed at once: it opens
+    an instance of its own from the ref, and left to the garbage collector it would reset Dagster's
+    current-instance state at an arbitrary later moment."""
+    with dg.build_schedule_context(instance=instance) as ctx:
+        return schedule(ctx)
+
+
 def tick(instance: dg.DagsterInstance, storage: ShardStorage, cursor: str | None = None):
     ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=cursor)
     result = shard_sensor(ctx)
@@ -160,14 +168,13 @@ def test_catch_up_schedule_requests_incomplete_shards(tmp_path: Path, make_shard
     # Mark 00000 as complete by recording a materialization of every pipeline asset.
     for name in PIPELINE_ASSETS:
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="00000"))
-    ctx = dg.build_schedule_context(instance=instance)
-    requests = catch_up_schedule(ctx)
+    requests = schedule_tick(catch_up_schedule, instance)
     assert [r.partition_key for r in requests] == ["00001"]
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=PIPELINE_ASSETS[0], partition="00001"))
-    assert [r.partition_key for r in catch_up_schedule(dg.build_schedule_context(instance=instance))] == ["00001"]
+    assert [r.partition_key for r in schedule_tick(catch_up_schedule, instance)] == ["00001"]
     for name in PIPELINE_ASSETS[1:]:
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="00001"))
-    assert isinstance(catch_up_schedule(dg.build_schedule_context(instance=instance)), dg.SkipReason)
+    assert isinstance(schedule_tick(catch_up_schedule, instance), dg.SkipReason)
 
 
 def test_sensor_batches_new_shards_into_ranged_runs_each_shard_its_own_partition(
@@ -248,7 +255,7 @@ def test_catch_up_schedule_batches_incomplete_shards_into_ranges(instance, monke
     instance.add_dynamic_partitions(shards.name, keys)
     for name in PIPELINE_ASSETS:  # "c" is complete; the others are not
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=name, partition="c"))
-    requests = catch_up_schedule(dg.build_schedule_context(instance=instance))
+    requests = schedule_tick(catch_up_schedule, instance)
     spans = [(r.partition_key, r.tags.get(partitions.RANGE_START_TAG), r.tags.get(partitions.RANGE_END_TAG))
              for r in requests]
     assert spans == [(None, "a", "b"), (None, "d", "e")]  # never a range over the complete shard
