@@ -295,8 +295,9 @@ def rerun_failed(
     instance = dg.DagsterInstance.get()
     _recover_dead_runs(instance, out)
     order = list(instance.get_dynamic_partitions(shards.name))
-    pending = [k for k in incomplete_shards(instance) if k in listed]
-    gone = [k for k in incomplete_shards(instance) if k not in listed]
+    incomplete = incomplete_shards(instance)
+    pending = [k for k in incomplete if k in listed]
+    gone = [k for k in incomplete if k not in listed]
     if gone:
         print(f"curator-assets: {len(gone)} incomplete shard(s) are no longer in {path}: not rerun", file=sys.stderr)
     if not pending:

@@ -34,9 +34,15 @@ def schedule_tick(schedule, instance: dg.DagsterInstance):
 def tick(instance: dg.DagsterInstance, storage: ShardStorage, cursor: str | None = None):
     ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=cursor)
     result = shard_sensor(ctx)
-    # Apply what the daemon would apply.
+    # Apply what the daemon applies, in its order: asset events, then partition requests.
+    for event in getattr(result, "asset_events", None) or []:
+        instance.report_runless_asset_event(event)
     for request in getattr(result, "dynamic_partitions_requests", None) or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
 
 
@@ -72,6 +78,52 @@ def test_sensor_requests_a_run_for_a_changed_shard(tmp_path: Path, make_shard, i
     assert [r.partition_key for r in second.run_requests] == ["00000"]
     assert second.run_requests[0].run_key != first.run_requests[0].run_key
     assert not second.dynamic_partitions_requests
+
+
+def test_a_removed_shard_leaves_the_partitions_and_comes_back_as_new(tmp_path: Path, make_shard, instance) -> None:
+    from curator_assets.defs.partitions import PIPELINE_ASSETS
+
+    make_shard("00000.tar", n=2)
+    gone = make_shard("00001.tar", n=2)
+    storage = ShardStorage(dataset_url=str(tmp_path / "dataset"))
+    first = tick(instance, storage)
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="decoded_images", partition="00001"))
+    gone.unlink()
+    second = tick(instance, storage, first.cursor)
+    assert instance.get_dynamic_partitions("shards") == ["00000"]  # shown as what the store holds
+    assert not second.run_requests
+    # Its history is kept, and an observation per asset says where its outputs are.
+    history = instance.fetch_materializations(dg.AssetKey("decoded_images"), limit=10).records
+    assert [r.partition_key for r in history] == ["00001"]
+    for name in PIPELINE_ASSETS:
+        obs = instance.fetch_observations(dg.AssetKey(name), limit=10).records
+        assert [o.partition_key for o in obs] == ["00001"], name
+        md = obs[0].asset_observation.metadata
+        assert md["removed"].value is True
+        assert md["manifest"].value.endswith("_curator/manifests/00001.parquet")
+        assert md["shard"].value.endswith("dataset/00001.tar")
+    # Nothing more happens while it stays gone; when it is back, it is a new shard again.
+    third = tick(instance, storage, second.cursor)
+    assert isinstance(third, dg.SensorResult) and not third.run_requests and not third.dynamic_partitions_requests
+    make_shard("00001.tar", n=3)
+    back = tick(instance, storage, third.cursor)
+    assert [r.partition_key for r in back.run_requests] == ["00001"]
+    assert back.run_requests[0].tags["curator/reason"] == "new shard"
+    assert sorted(instance.get_dynamic_partitions("shards")) == ["00000", "00001"]
+
+
+def test_an_empty_listing_removes_nothing(tmp_path: Path, make_shard, instance) -> None:
+    """A dataset that suddenly lists no shards (a wrong URL, a permission change) is not taken
+    as every shard deleted."""
+    for name in ("00000.tar", "00001.tar"):
+        make_shard(name, n=1)
+    storage = ShardStorage(dataset_url=str(tmp_path / "dataset"))
+    first = tick(instance, storage)
+    for tar in (tmp_path / "dataset").glob("*.tar"):
+        tar.unlink()
+    result = tick(instance, storage, first.cursor)
+    assert isinstance(result, dg.SkipReason) and "nothing removed" in result.skip_message
+    assert sorted(instance.get_dynamic_partitions("shards")) == ["00000", "00001"]
 
 
 def test_sensor_skips_when_the_dataset_is_missing(tmp_path: Path, instance) -> None:

@@ -69,6 +69,24 @@ def test_rerun_failed_reruns_only_the_failed_shard(tmp_path, home, photos):
     assert len(_runs_by_reason("curator-assets rerun-failed")) == 1
 
 
+def test_a_shard_that_completed_then_failed_is_rerun(tmp_path, home, photos):
+    """Done means the latest attempt of every step succeeded, not "materialized once": a shard
+    that completed, was replaced by a broken one and failed is rerun once repaired."""
+    folder = tmp_path / "ds"
+    for s in range(2):
+        write_shard(folder / f"{s:05d}.tar", photos[s * 4:s * 4 + 4])
+    assert run_pipeline(str(folder), out=io.StringIO()) == 0
+    write_members(folder / "00001.tar", _members(photos[8:11], ["a", "b", "a"]))  # replaced, broken
+    out = io.StringIO()
+    assert run_pipeline(str(folder), out=out) == 1 and "00001: FAILED" in out.getvalue()
+
+    write_members(folder / "00001.tar", _members(photos[8:11], ["a", "b", "c"]))  # repaired
+    out = io.StringIO()
+    assert rerun_failed(str(folder), out=out) == 0, out.getvalue()
+    assert "rerunning 1 shard(s)" in out.getvalue() and "00001: ok" in out.getvalue()
+    assert [_shards_of(r) for r in _runs_by_reason("curator-assets rerun-failed")] == [{"00001"}]
+
+
 def test_rerun_failed_needs_a_dagster_home(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert rerun_failed(str(tmp_path)) == 2

@@ -17,6 +17,9 @@ import dagster as dg
 # One partition per shard; keys are shard paths relative to the dataset root, without ".tar".
 shards = dg.DynamicPartitionsDefinition(name="shards")
 
+# The per-shard assets, in pipeline order; a shard is done when the last one is materialized.
+PIPELINE_ASSETS = ("shard_index", "shard_validation", "decoded_images")
+
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 

@@ -6,18 +6,27 @@ import os
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, run_slots, shards
-
-# The per-shard assets, in pipeline order; a shard is done when the last one is materialized.
-PIPELINE_ASSETS = ("shard_index", "shard_validation", "decoded_images")
+from curator_assets.defs.partitions import (
+    PIPELINE_ASSETS,
+    batch_size,
+    contiguous_ranges,
+    run_request,
+    run_slots,
+    shards,
+)
 
 
 def incomplete_shards(instance: dg.DagsterInstance) -> list[str]:
-    keys = instance.get_dynamic_partitions(shards.name)
-    done = set(keys)
+    """The shards whose pipeline has not completed: an asset never materialized, or whose latest
+    attempt failed (a shard that once completed, then changed and failed, is not done). Shards
+    with a run in progress are left to it."""
+    keys = list(instance.get_dynamic_partitions(shards.name))
+    done, running = set(keys), set()
     for name in PIPELINE_ASSETS:
-        done &= instance.get_materialized_partitions(dg.AssetKey(name))
-    return [k for k in keys if k not in done]
+        status = instance.get_status_by_partition(dg.AssetKey(name), keys, shards) or {}
+        done &= {k for k, s in status.items() if s == dg.AssetPartitionStatus.MATERIALIZED}
+        running |= {k for k, s in status.items() if s == dg.AssetPartitionStatus.IN_PROGRESS}
+    return [k for k in keys if k not in done and k not in running]
 
 
 @dg.schedule(

@@ -5,12 +5,20 @@ import base64
 import hashlib
 import json
 import os
+import posixpath
 import zlib
 
 import dagster as dg
 
 from curator_assets.defs.jobs import shard_pipeline
-from curator_assets.defs.partitions import batch_size, contiguous_ranges, run_request, run_slots, shards
+from curator_assets.defs.partitions import (
+    PIPELINE_ASSETS,
+    batch_size,
+    contiguous_ranges,
+    run_request,
+    run_slots,
+    shards,
+)
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.storage import StorageError
 
@@ -83,11 +91,17 @@ def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> 
     seen = decode_cursor(context.cursor)
     current = {s.key: short_fingerprint(s.fingerprint) for s in listing.shards}
 
+    if seen and not current:
+        # An empty listing of a dataset that had shards is far likelier a wrong URL, a permission
+        # change or a store hiccup than every shard deleted: nothing is removed on its say-so.
+        return dg.SkipReason(f"the dataset lists no shards where {len(seen)} were: nothing removed; "
+                             "check the URL and credentials (the tick after a real deletion removes them)")
     new_keys = [k for k in current if k not in existing]
     gone = sorted(k for k in existing.difference(current) if k in seen)  # since the last tick
     if gone:
-        # Kept, not deleted: their materializations and manifests stay visible in the UI.
-        context.log.warning(f"{len(gone)} shard(s) removed since the last tick, e.g. {', '.join(gone[:5])}")
+        context.log.warning(f"{len(gone)} shard(s) removed from the store, e.g. {', '.join(gone[:5])}: "
+                            "their partitions are deleted, their outputs kept")
+        existing_order = [k for k in existing_order if k not in set(gone)]
     changed = [k for k, fp in current.items() if k in existing and k in seen and seen[k] != fp]
     # A shard that was gone at the last tick and is back (the usual way to replace an object)
     # is processed again, whatever its bytes.
@@ -102,8 +116,35 @@ def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> 
     if new_keys or changed:
         context.log.info(f"{len(new_keys)} new shard(s), {len(changed)} changed, {len(current)} in all: "
                          f"{len(run_requests)} run(s)")
+    partition_requests = [shards.build_add_request(new_keys)] if new_keys else []
+    if gone:
+        partition_requests.append(shards.build_delete_request(gone))
     return dg.SensorResult(
-        dynamic_partitions_requests=[shards.build_add_request(new_keys)] if new_keys else [],
+        dynamic_partitions_requests=partition_requests,
         run_requests=run_requests,
+        asset_events=removal_records(storage, gone),
         cursor=encode_cursor(current),
     )
+
+
+def removal_records(storage: ShardStorage, gone: list[str]) -> list[dg.AssetObservation]:
+    """What is kept of a removed shard. Its partition is deleted, so the UI shows only the shards
+    the store holds and the dataset summaries (which read the listing) no longer count it; its
+    materializations stay in each asset's event history, its index, report and manifest stay where
+    they were written, and this observation (recorded before the partition goes) says where. A
+    shard that comes back is a new partition again and is processed again."""
+    if not gone:
+        return []
+    dataset = storage.dataset()
+    out = []
+    for key in gone:
+        metadata = {
+            "removed": True,
+            "shard": dataset.url_of(posixpath.join(dataset.root, key + ".tar")),
+            "report": dataset.url_of(dataset.output_path("validation", key, ".json"), dataset.output_fs),
+            "manifest": dataset.url_of(dataset.output_path("manifests", key, ".parquet"), dataset.output_fs),
+        }
+        out += [dg.AssetObservation(asset_key=name, partition=key, metadata=metadata,
+                                    description="shard removed from the store; its outputs are kept")
+                for name in PIPELINE_ASSETS]
+    return out
