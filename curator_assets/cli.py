@@ -276,7 +276,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
                                 hw_decoder_load=args.hw_decoder_load, fast_idct=args.fast_idct,
                                 reader=args.reader, pipelines=args.pipelines, max_pixels=args.max_pixels,
-                                contain_crashes=args.contain_crashes)
+                                contain_crashes=args.contain_crashes, worker_timeout=args.worker_timeout)
         decoder = ShardDecoder(options)
     except (ValueError, DecodeError) as exc:
         _err(str(exc))
@@ -408,6 +408,9 @@ def _add_decode(sub) -> None:
                    help="decode in worker processes, so a decoder crash on a corrupt image fails that record "
                         "(\"decoder crashed (signal N)\") instead of the command (default: on; "
                         "--reader dali is never contained)")
+    p.add_argument("--worker-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a contained decoder with no answer for this long on one batch is killed; the record "
+                        "that hangs it fails (\"decoder hung\") and the others decode (default: 300)")
     p.add_argument("--index-dir", metavar="URL", help="where the .idx files are, if not beside the tars")
     _storage_option_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per shard per line")

@@ -153,6 +153,11 @@ class DecodeOptions:
     # Decoded pixels come back through shared memory, on the host. Off: DALI runs in this
     # process (GPU images stay on the device). decode_shard and the CLI: on; iter_batches: off.
     contain_crashes: bool = True
+    # Seconds a contained worker may spend on one batch (2 minutes more to start) without answering
+    # before it is taken as hung (a codec in an endless loop): it is killed and the batch is
+    # replayed one record at a time, so the record that hangs again fails "decoder hung".
+    # Generous by default: a batch of large images on a few CPU cores takes tens of seconds.
+    worker_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -173,6 +178,8 @@ class DecodeOptions:
             raise ValueError(f"device_id must be 0 or more, not {self.device_id}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be at least 1, not {self.max_pixels}")
+        if not self.worker_timeout > 0:
+            raise ValueError(f"worker_timeout must be more than 0 seconds, not {self.worker_timeout}")
 
     @property
     def threads(self) -> int:

@@ -20,9 +20,15 @@ threads or a CUDA context is unsafe):
   The shard decoder then replays the batch one record at a time, so the record that kills the
   worker again is failed with ``decoder crashed (signal N)`` and every other record decodes.
 
-Test hook: when ``CURATOR_TEST_CRASH_MARKER`` is set in the environment, the worker kills
-itself with SIGSEGV on a batch holding an image whose bytes contain that marker (the variable
-is only ever set by tests; a real DALI segfault is not reproducible on demand).
+* a worker that does not answer within ``DecodeOptions.worker_timeout`` (a codec caught in an
+  endless loop) is killed, and :class:`DecoderHung` is raised: the shard decoder replays the
+  batch one record at a time as after a crash, and the record that hangs again fails with
+  ``decoder hung (no answer in N s)``.
+
+Test hooks: when ``CURATOR_TEST_CRASH_MARKER`` is set in the environment, the worker kills
+itself with SIGSEGV on a batch holding an image whose bytes contain that marker; with
+``CURATOR_TEST_HANG_MARKER``, it stops answering on such a batch (the variables are only ever
+set by tests; a real DALI segfault or hang is not reproducible on demand).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -44,6 +51,10 @@ import numpy as np
 from curator_assets.decode import BatchDecodeFailed, DecodeOptions, DeviceChoice, ImageDecoder
 
 CRASH_MARKER_ENV = "CURATOR_TEST_CRASH_MARKER"
+HANG_MARKER_ENV = "CURATOR_TEST_HANG_MARKER"
+# A new worker imports DALI and builds its pipeline before its first answer: seconds on an idle
+# machine, tens on a loaded one. This much is allowed on top of the batch timeout.
+STARTUP_SECONDS = 120.0
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where curator_assets is
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
          "from curator_assets.decode_worker import main; main(int(sys.argv[2]))")
@@ -59,6 +70,20 @@ class DecoderCrashed(BatchDecodeFailed):
         self.signum = signum
         self.exitcode = exitcode
         super().__init__(crash_reason(signum, exitcode))
+
+
+class DecoderHung(BatchDecodeFailed):
+    """The decoder process gave no answer in time; it has been killed."""
+
+    crashed = True  # like a crash: nothing else may touch the bytes that hung a codec
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(hang_reason(seconds))
+
+
+def hang_reason(seconds: float) -> str:
+    return f"decoder hung (no answer in {seconds:g} s)"
 
 
 def crash_reason(signum: int | None, exitcode: int | None) -> str:
@@ -90,6 +115,7 @@ def main(fd: int) -> None:
 def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
     """Build one DALI pipeline, then decode batches until the pipe closes."""
     marker = os.environ.get(CRASH_MARKER_ENV, "").encode() or None
+    hang = os.environ.get(HANG_MARKER_ENV, "").encode() or None
     decoder = ImageDecoder(device, options)
     try:
         decoder.build()
@@ -109,6 +135,8 @@ def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
         arrays = _split(inbuf, lengths)
         if marker is not None and any(marker in a.tobytes() for a in arrays):
             os.kill(os.getpid(), signal.SIGSEGV)
+        while hang is not None and any(hang in a.tobytes() for a in arrays):
+            time.sleep(60)
         serial += 1
         conn.send(_decode_reply(decoder, arrays, want_pixels, serial))
 
@@ -236,6 +264,10 @@ class ContainedDecoder:
         process, parent = _start_worker()
         try:
             parent.send((self.device, self.options))
+            if not parent.poll(STARTUP_SECONDS + self.options.worker_timeout):
+                _stop(process)
+                parent.close()
+                raise DecoderHung(STARTUP_SECONDS + self.options.worker_timeout)
             reply = parent.recv()
         except (EOFError, OSError):
             parent.close()
@@ -264,6 +296,8 @@ class ContainedDecoder:
             new_input = self._fill_input(arrays)
             try:
                 self._conn.send(([len(a) for a in arrays], want, new_input))
+                if not self._conn.poll(self.options.worker_timeout):
+                    raise self._hung()
                 reply = self._conn.recv()
             except (EOFError, OSError):
                 raise self._died() from None
@@ -307,6 +341,16 @@ class ContainedDecoder:
         self.restarts += 1
         return DecoderCrashed(*_death(process.returncode))
 
+    def _hung(self) -> DecoderHung:
+        """The worker gave no answer in time: kill it (its batch is lost) and clean up after it."""
+        process, conn = self._process, self._conn
+        self._process = self._conn = self._input = None
+        _stop(process)
+        conn.close()
+        _remove_leftovers(process.pid)
+        self.restarts += 1
+        return DecoderHung(self.options.worker_timeout)
+
     def close(self) -> None:
         """Stop the worker (it also exits by itself when this process goes)."""
         with self._lock:
@@ -346,7 +390,7 @@ class ContainedDecoder:
 
     def _wanted(self) -> tuple:
         """What makes two workers interchangeable (the test hook is read when a worker starts)."""
-        return self.device, self.options, os.environ.get(CRASH_MARKER_ENV)
+        return self.device, self.options, os.environ.get(CRASH_MARKER_ENV), os.environ.get(HANG_MARKER_ENV)
 
     @property
     def pid(self) -> int | None:
@@ -391,6 +435,12 @@ def _start_worker() -> tuple[subprocess.Popen, Connection]:
     return process, Connection(ours.detach())
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Kill a worker that does not answer and reap it."""
+    process.kill()
+    process.wait()
+
+
 def _new_input(name: str, size: int) -> mmap.mmap:
     """A new shared-memory file of ``size`` bytes, mapped; the worker unlinks it once mapped."""
     fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -425,4 +475,4 @@ def _remove_leftovers(pid: int) -> None:
 
 
 __all__: list[Any] = ["ContainedDecoder", "DecoderCrashed", "WorkerOutput", "release", "crash_reason",
-                      "CRASH_MARKER_ENV"]
+                      "CRASH_MARKER_ENV", "DecoderHung", "HANG_MARKER_ENV", "hang_reason"]

@@ -23,7 +23,7 @@ import pytest
 
 from curator_assets import cli
 from curator_assets.decode import DecodeOptions, ShardDecoder, decode_shard, iter_batches
-from curator_assets.decode_worker import CRASH_MARKER_ENV, SHM_DIR, crash_reason
+from curator_assets.decode_worker import CRASH_MARKER_ENV, HANG_MARKER_ENV, SHM_DIR, crash_reason, hang_reason
 from curator_assets.demo import build_demo, write_shard
 from curator_assets.manifest import read_manifest
 from curator_assets.storage import Dataset
@@ -80,6 +80,27 @@ def test_a_crashing_decoder_fails_only_that_record(dataset: Path, monkeypatch) -
     assert [s for n, s in enumerate(summary(rows)) if n != BAD] == [s for n, s in enumerate(expected) if n != BAD]
     assert restarts >= 2  # the batch crashed, then the record alone: a fresh worker each time
     assert nxt.decoded == 12 and all(r.decoded for r in next_rows)  # the next shard decodes too
+    assert shm_leftovers() == []
+
+
+def test_a_hanging_decoder_fails_only_that_record_in_bounded_time(dataset: Path, monkeypatch) -> None:
+    """A worker that stops answering (a codec in an endless loop) is killed after the timeout;
+    the batch is replayed record by record, and only the record that hangs again fails."""
+    monkeypatch.setenv(HANG_MARKER_ENV, MARKER.decode())
+    options = dataclasses.replace(CONTAINED, pipelines=1, worker_timeout=4)
+    decoder = ShardDecoder(options)
+    try:
+        result, rows = decode_shard(Dataset(str(dataset)), "00000", decoder=decoder, write=False)
+        pids = [d.pid for d in decoder.decoders]
+        restarts = sum(d.restarts for d in decoder.decoders)
+    finally:
+        decoder.close()
+    assert len(rows) == 12 and result.decoded == 11 and result.failed == 1
+    assert rows[BAD].error == hang_reason(4) == "decoder hung (no answer in 4 s)"
+    assert all(r.decoded for n, r in enumerate(rows) if n != BAD)
+    assert restarts == 2  # the batch hung, then the record alone: killed each time
+    for pid in pids:  # no hung worker is left behind
+        assert pid is None or not os.path.exists(f"/proc/{pid}") or "zombie" not in open(f"/proc/{pid}/status").read()
     assert shm_leftovers() == []
 
 

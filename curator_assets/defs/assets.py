@@ -259,6 +259,7 @@ class DecodedImagesConfig(dg.Config):
     reader: str = "auto"  # auto | stream | dali (DALI's own webdataset reader; local shards)
     max_pixels: int = 100_000_000  # an image whose header declares more is failed (image_too_large), never decoded
     contain_crashes: bool = True  # DALI in supervised worker processes: a decoder crash fails one record
+    worker_timeout: float = 300.0  # seconds a contained decoder may take on one batch before it counts as hung
 
 
 def _blocked(context: dg.AssetExecutionContext, key: str) -> str | None:
@@ -337,6 +338,7 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
             device=config.device, batch_size=config.batch_size or None, num_threads=config.num_threads or None,
             hw_decoder_load=config.hw_decoder_load, fast_idct=config.fast_idct, reader=config.reader,
             pipelines=config.pipelines, max_pixels=config.max_pixels, contain_crashes=config.contain_crashes,
+            worker_timeout=config.worker_timeout,
         )
     except ValueError as exc:
         raise dg.Failure(description=f"decoded_images config: {exc}", allow_retries=False) from exc
