@@ -597,6 +597,10 @@ class RemoteFile:
         self.bytes_read = 0
         self.closed = False
         self._buf_start, self._buf = 0, b""
+        # The block before the current one, kept: a pass that reads a little behind the scan (a
+        # record's contents checked once the scan has passed its end) would otherwise fetch that
+        # block again, and a read across a block boundary needs both.
+        self._prev_start, self._prev = 0, b""
 
     def seekable(self) -> bool:
         return True
@@ -637,13 +641,32 @@ class RemoteFile:
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         if end <= self.pos:
             return b""
-        buf_end = self._buf_start + len(self._buf)
-        if not (self._buf_start <= self.pos and end <= buf_end):
-            fetch_end = min(self.size, max(end, self.pos + self.block_size))
-            self._buf_start, self._buf = self.pos, self._fetch(self.pos, fetch_end)
-        out = self._buf[self.pos - self._buf_start : end - self._buf_start]
+        out = self._cached(self.pos, end)
+        if out is None:
+            buf_end = self._buf_start + len(self._buf)
+            # A read that runs past the current block, or starts a little after it (a header
+            # just past a member that crossed the block's end), continues the block: the bytes
+            # in between are read once now rather than again by the next pass over them.
+            near = self._buf and self._buf_start <= self.pos < buf_end + self.block_size // 4
+            start = buf_end if near else self.pos
+            data = self._fetch(start, min(self.size, max(end, start + self.block_size)))
+            self._prev_start, self._prev = self._buf_start, self._buf
+            self._buf_start, self._buf = start, data
+            out = self._cached(self.pos, end)
         self.pos = end
         return out
+
+    def _cached(self, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) from the two blocks held, or None."""
+        cur, cur_end = self._buf_start, self._buf_start + len(self._buf)
+        prev, prev_end = self._prev_start, self._prev_start + len(self._prev)
+        if cur <= start and end <= cur_end:
+            return self._buf[start - cur : end - cur]
+        if prev <= start and end <= prev_end:
+            return self._prev[start - prev : end - prev]
+        if prev_end == cur and prev <= start < cur < end <= cur_end:
+            return self._prev[start - prev :] + self._buf[: end - cur]
+        return None
 
     def readinto(self, b: Any) -> int:
         data = self.read(len(b))
@@ -652,7 +675,7 @@ class RemoteFile:
 
     def close(self) -> None:
         self.closed = True
-        self._buf = b""
+        self._buf = self._prev = b""
 
     def __enter__(self) -> RemoteFile:
         return self

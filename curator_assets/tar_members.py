@@ -363,24 +363,29 @@ def scan_members(
     *,
     recover: bool = False,
     total_size: int | None = None,
+    stride: int | None = None,
 ) -> Iterator[Member | TarProblem]:
     """Yield every member of a tar in order, and a :class:`TarProblem` where it is damaged.
 
     Without ``recover`` the scan ends at the first problem. With it, a bad header makes the
     scanner look for the next block that is a valid header, so members after a damaged spot
-    are still found (each skip is reported).
+    are still found (each skip is reported). The fast loop reads ahead as far as the headers
+    stay plain before yielding; with ``stride`` (bytes) it yields at least once every ``stride``
+    bytes of tar, so a consumer reading the members' data as they come stays close behind the
+    scan (for a stream with read-ahead: inside the block the scan has just read).
     """
-    for item in _batches(fileobj, recover, total_size):
+    for item in _batches(fileobj, recover, total_size, stride):
         if type(item) is list:
             yield from item
         else:
             yield item
 
 
-def _batches(fileobj: BinaryIO, recover: bool, total_size: int | None) -> Iterator[list[Member] | Member | TarProblem]:
+def _batches(fileobj: BinaryIO, recover: bool, total_size: int | None,
+             stride: int | None = None) -> Iterator[list[Member] | Member | TarProblem]:
     reader = _Reader(fileobj)
     try:
-        yield from _scan(reader, recover, total_size)
+        yield from _scan(reader, recover, total_size, stride)
     finally:
         reader.close()
 
@@ -388,13 +393,15 @@ def _batches(fileobj: BinaryIO, recover: bool, total_size: int | None) -> Iterat
 _PLAIN_TYPES = frozenset(b"0\x0057")  # regular, old regular, directory, contiguous
 
 
-def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out: list[Member]) -> int:
+def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out: list[Member],
+               stop: int) -> int:
     """Append members for as long as the headers are plain ustar/GNU files or directories.
 
     The common case of every shard, so it is one tight loop that builds the list directly; it
     stops (returning the position) at the first header needing more care (end blocks, long
     names, PAX, links, a bad checksum, truncation) and the general scanner takes over there.
-    Measured at ~1.3 us a member (benchmarks/bench_index.py); every line here counts.
+    Measured at ~1.3 us a member (benchmarks/bench_index.py); every line here counts. A file
+    that is not mapped also stops at offset ``stop`` (the scan's stride).
     """
     append = out.append
     adler32 = _adler32
@@ -403,7 +410,12 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
     read_at = reader.read_at
     while True:
         at = base + pos
-        header = mm[at : at + BLOCK] if mm is not None else read_at(at, BLOCK)
+        if mm is not None:
+            header = mm[at : at + BLOCK]
+        elif at >= stop:
+            return pos
+        else:
+            header = read_at(at, BLOCK)
         magic = header[257:263]
         if (magic != b"ustar\x00" and magic != b"ustar ") or len(header) < BLOCK:
             return pos
@@ -468,7 +480,8 @@ class _ScanState:
         self.pending_name, self.pending_pax, self.first_header = None, {}, None
 
 
-def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[list[Member] | Member | TarProblem]:
+def _scan(reader: _Reader, recover: bool, total_size: int | None,
+          stride: int | None = None) -> Iterator[list[Member] | Member | TarProblem]:
     base = reader.pos
     if total_size is None:
         total_size = reader.size()
@@ -479,7 +492,7 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None) -> Iterator[li
     while True:
         if st.plain:
             batch: list[Member] = []
-            pos = _plain_run(reader, base, pos, total_size, batch)
+            pos = _plain_run(reader, base, pos, total_size, batch, base + pos + (stride or 1 << 62))
             if batch:
                 st.seen_any = True
                 yield batch

@@ -378,6 +378,7 @@ class _Collector:
     def __init__(self, severities: Mapping[str, str]):
         self.severities = severities
         self.problems: list[Problem] = []
+        self.members: list[Member] = []  # what the scan found so far
 
     def add(self, code: str, detail: str, record_id: str | None = None, member: str | None = None) -> None:
         self.problems.append(Problem(code, self.severities[code], record_id, member, detail))
@@ -421,12 +422,17 @@ def _opened(fileobj: BinaryIO, total_size: int | None):
     return fileobj, read_at, fd, total_size
 
 
-def _scanned_members(fileobj: BinaryIO, read_at, total_size: int, out: _Collector) -> list[Member]:
-    """Every member the recovering scanner finds; each damaged spot becomes a problem."""
-    members: list[Member] = []
-    for item in scan_members(fileobj, recover=True, total_size=total_size):
+def _scanned_members(fileobj: BinaryIO, read_at, total_size: int, out: _Collector) -> Iterator[Member]:
+    """Every member the recovering scanner finds, as it finds them (also appended to ``out.members``);
+    each damaged spot becomes a problem. A last member whose data is cut off is taken back out of
+    ``out.members`` (it is not readable, not counted)."""
+    members: list[Member] = out.members
+    # A stride of 1 MB keeps the contents check a few records behind the scan on a stream read
+    # ahead in blocks (a remote shard); a mapped local file is not affected.
+    for item in scan_members(fileobj, recover=True, total_size=total_size, stride=1 << 20):
         if isinstance(item, Member):
             members.append(item)
+            yield item
             continue
         problem: TarProblem = item
         member = None
@@ -441,7 +447,46 @@ def _scanned_members(fileobj: BinaryIO, read_at, total_size: int, out: _Collecto
             if why is not None:
                 code, detail = "not_a_tar", why
         out.add(code, detail, split_key(member)[0] if member else None, member)
-    return members
+
+
+def _keeping_position(fileobj: BinaryIO, read_at):
+    """``read_at`` that leaves the file where it was: the scanner reading the same file keeps
+    its own idea of the position. (``os.pread`` never moves it.)"""
+    if getattr(read_at, "fd", None) is not None:
+        return read_at
+
+    def read_back(offset: int, n: int) -> bytes:
+        here = fileobj.tell()
+        try:
+            return read_at(offset, n)
+        finally:
+            fileobj.seek(here)
+
+    return read_back
+
+
+def _scan_and_check(fileobj: BinaryIO, read_at, total_size: int, out: _Collector,
+                    max_pixels: int) -> tuple[list[Member], list[ImageInfo], list[Problem]]:
+    """One pass over the tar: the members, and each record's contents checked as soon as the scan
+    has passed it, while its bytes are still in the reader's read-ahead block, so a remote shard
+    is read once rather than once for the headers and again for the contents. Records group as
+    :func:`group_records` groups them (consecutive components of one key); the content problems
+    are returned apart, to follow the structural ones in the report."""
+    contents = _Collector(out.severities)
+    window = _Window(_keeping_position(fileobj, read_at))
+    images: list[ImageInfo] = []
+    pending: list[Member] = []  # the record being scanned (and non-components among its members)
+    pending_key: str | None = None
+    for m in _scanned_members(fileobj, read_at, total_size, out):
+        key = split_key(m.name)[0] if is_component(m) else None
+        if key is not None and key != pending_key:
+            images += _check_contents(window, group_records(pending), max_pixels, contents)
+            pending, pending_key = [], key
+        pending.append(m)
+    if pending and pending[-1] is not (out.members[-1] if out.members else None):
+        pending.pop()  # the cut-off last member, taken back out by the scan
+    images += _check_contents(window, group_records(pending), max_pixels, contents)
+    return out.members, images, contents.problems
 
 
 def _check_non_components(members: list[Member], out: _Collector) -> None:
@@ -499,7 +544,8 @@ def validate_file(
     report = ShardReport(shard=shard, key=key, bytes=total_size, max_pixels=max_pixels)
 
     # 1. Tar structure: every member the recovering scanner finds; damaged ones are reported.
-    members = _scanned_members(fileobj, read_at, total_size, out)
+    #    The contents of each record are checked in the same pass (their problems come last).
+    members, images, content_problems = _scan_and_check(fileobj, read_at, total_size, out, max_pixels)
     tar_damaged = bool(out.problems)
     report.members = len(members)
 
@@ -522,9 +568,9 @@ def validate_file(
     else:
         report.index = _check_index(index_bytes, records, out)
 
-    # 5. Image headers and side files, by ranged reads.
-    report.images = _check_contents(_Window(read_at), records, max_pixels, out)
-    report.problems = out.problems
+    # 5. Image headers and side files (read during the scan).
+    report.images = images
+    report.problems = out.problems + content_problems
     report.seconds = time.perf_counter() - start
     return report
 
@@ -1113,8 +1159,9 @@ def validate_shard(
     info = dataset.shard(key)
     index_info = dataset.index_info(key)
     index_bytes = dataset.read_index_bytes(key)
-    # Remote stores: large blocks so the header walk costs few requests.
-    with dataset.open_shard(key, block_size=None if dataset.local else 8 << 20) as f:
+    # Remote stores: read ahead in large blocks (RemoteFile.DEFAULT_BLOCK), so the one pass
+    # over headers and contents costs few requests.
+    with dataset.open_shard(key) as f:
         report = validate_file(
             f, shard=info.url, key=key, index_bytes=index_bytes, expect_index=True, max_pixels=max_pixels,
             severities=severities, total_size=info.size,
