@@ -68,7 +68,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from curator_assets import schema, sniff
-from curator_assets.index import IndexComponent, IndexFormatError, format_lines, index_differences, parse_index
+from curator_assets.index import (
+    IndexComponent,
+    IndexFormatError,
+    format_lines,
+    header_starts,
+    index_differences,
+    parse_index,
+)
 from curator_assets.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
 from curator_assets.sniff import ImageProblem, check_image, jpeg_header, not_a_tar
 from curator_assets.storage import StorageError
@@ -335,6 +342,11 @@ class ShardPlan:
     # Data offset -> first header offset, for members whose name or size is in a PAX or GNU
     # long-name header before their own (their ustar name field is not their name).
     header_at: dict[int, int] = field(default_factory=dict)
+    # Planned from the index alone (a remote shard): the reads of the batches check every
+    # needed member's headers, and the bytes after the last record, against it; a mismatch
+    # raises StaleIndexError and the shard is planned again from a scan.
+    checked_in_reads: bool = False
+    tail: int = 0  # where the end of the archive should begin (checked_in_reads)
 
     def first_header(self, comp: Component) -> int:
         return self.header_at.get(comp.offset, comp.offset - 512)
@@ -390,7 +402,7 @@ def apply_report(plan: ShardPlan, report, fingerprint: str | None) -> None:
 AUTO = "auto"  # plan_shard's report: read the shard's stored validation report, if any
 
 
-def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
+def plan_shard(dataset, key: str, report: Any = AUTO, *, scan: bool = True) -> ShardPlan:
     """The records of shard ``key``, from a scan of every header (never the data), checked
     against the shard's ``.idx`` when it has one.
 
@@ -402,6 +414,10 @@ def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
     whose verdict fails records (see :func:`apply_report`); ``"auto"`` reads the stored one,
     None uses none. Raises :class:`DecodeError` for a file that is no tar at all, or holds
     nothing readable.
+
+    ``scan=False``: a remote shard with a named index is planned from the index alone (see
+    :func:`_plan_from_index`): the header scan would read the whole object once more before the
+    batches read it again. The caller must plan again with a scan on :class:`StaleIndexError`.
     """
     shard = dataset.shard(key)
     try:
@@ -410,11 +426,41 @@ def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
         raise
     except OSError as exc:
         raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
-    scan = _scan_shard(dataset, shard)
+    plan = None if scan or dataset.local or not raw else _plan_from_index(dataset, shard, raw)
+    if plan is None:
+        plan = _plan_from_scan(dataset, shard, raw)
+    if report == AUTO:
+        report = _stored_report(dataset, key, plan)
+    apply_report(plan, report, shard.fingerprint)
+    return plan
+
+
+def _plan_from_index(dataset, shard, raw: bytes) -> ShardPlan | None:
+    """The records as the index lists them, with where each member's headers must begin
+    (:func:`~curator_assets.index.header_starts`); None when the index cannot describe the tar
+    (the scan then decides how it is wrong)."""
+    try:
+        index = parse_index(raw)
+    except IndexFormatError:
+        return None
+    starts = header_starts(index, shard.size)
+    if isinstance(starts, str) or not index.records:
+        return None
+    planned = [_planned(n, rec.key, rec.components) for n, rec in enumerate(index.records)]
+    comps = [c for rec in index.records for c in rec.components]
+    header_at = {c.offset: at for c, at in zip(comps, starts, strict=True) if at != c.offset - 512}
+    last = comps[-1]
+    plan = ShardPlan(shard.key, shard.url, shard.size, planned, "index", True, len(raw), header_at=header_at)
+    plan.checked_in_reads, plan.tail = True, last.offset + ((last.size + 511) & -512)
+    return plan
+
+
+def _plan_from_scan(dataset, shard, raw: bytes | None) -> ShardPlan:
+    scan, read = _scan_shard(dataset, shard)
     problems = [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
     records = group_records(scan.members)
     header_at = {m.offset: m.header_offset for m in scan.members if m.header_offset != m.offset - 512}
-    bytes_read = 512 * len(scan.members) + len(raw or b"")
+    bytes_read = (512 * len(scan.members) if read is None else read) + len(raw or b"")
     source = "scan"
     if raw:
         source = _check_index(dataset, shard, raw, scan, records, problems)
@@ -422,18 +468,16 @@ def plan_shard(dataset, key: str, report: Any = AUTO) -> ShardPlan:
         _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
         for n, rec in enumerate(records)
     ]
-    plan = ShardPlan(key, shard.url, shard.size, planned, source, source == "index", bytes_read, problems,
+    plan = ShardPlan(shard.key, shard.url, shard.size, planned, source, source == "index", bytes_read, problems,
                      header_at=header_at)
     plan.errors += [(p.code, f"{p.detail} (at byte {p.offset})") for p in scan.problems]
-    if report == AUTO:
-        report = _stored_report(dataset, key, plan)
-    apply_report(plan, report, shard.fingerprint)
     return plan
 
 
 def _scan_shard(dataset, shard):
-    """Every header of the shard (recovering past damage); a file with nothing readable is
-    refused, saying what it is (``not_a_tar``) or where it broke."""
+    """Every header of the shard (recovering past damage), and the bytes that took from a remote
+    store (None for a local file); a file with nothing readable is refused, saying what it is
+    (``not_a_tar``) or where it broke."""
     with dataset.open_shard(shard.key) as f:
         scan = scan_tar(f, recover=True, total_size=shard.size)
         if scan.problems and not scan.members:
@@ -443,7 +487,8 @@ def _scan_shard(dataset, shard):
             if why is not None:
                 raise DecodeError(f"{shard.url}: {why}", "not_a_tar")
             raise DecodeError(f"{shard.url}: {first.detail} (at byte {first.offset}): nothing to decode", first.code)
-    return scan
+        read = getattr(f, "bytes_read", None)
+    return scan, read
 
 
 def _check_index(dataset, shard, raw: bytes, scan, records, problems: list[str]) -> str:
@@ -664,7 +709,21 @@ class ShardReader:
                 return None
             return data[start - s : end - s]
 
+        if self.plan.checked_in_reads and records and records[-1].position == len(self.plan.records) - 1:
+            bytes_read += self._check_tail()
         return EncodedBatch([self._encoded(rec, view) for rec in records], bytes_read)
+
+    def _check_tail(self) -> int:
+        """After the last record of an index-planned shard, only the end of the archive (zero
+        blocks, or nothing): a member there is one the index does not list. Returns bytes read."""
+        start, size = self.plan.tail, self.plan.shard_size
+        data = self._read(start, min(size, start + 1024)) if start < size else b""
+        if data.strip(b"\0"):
+            raise StaleIndexError(
+                f"{self.plan.shard_url}: its .idx does not match the tar: a member the index does not list "
+                f"follows its last record at byte {start}; rebuild the index (curator-assets index --force) (idx_stale)"
+            )
+        return len(data)
 
     def _encoded(self, rec: PlannedRecord, view) -> EncodedRecord:
         # Per record on the hot path: kept lean (one view per component, helpers only when
@@ -678,7 +737,12 @@ class ShardReader:
             for comp in rec.needed:
                 start = self.plan.first_header(comp)
                 header = view(start, comp.offset) if start >= 0 else None
-                if header is not None and not (start == comp.offset - 512 and _header_agrees(header, comp)):
+                if header is None and self.plan.checked_in_reads:
+                    raise StaleIndexError(_stale_message(self.plan, comp, "the tar ends before it"))
+                # The fast check reads only the name and size fields: enough against a scan that
+                # has proven every header; an index-planned shard has its headers proven here.
+                fast = start == comp.offset - 512 and not self.plan.checked_in_reads
+                if header is not None and not (fast and _header_agrees(header, comp)):
                     why = _header_problem(bytes(header), comp, start)
                     if why is not None:
                         raise StaleIndexError(_stale_message(self.plan, comp, why))
@@ -1266,14 +1330,21 @@ def decode_shard(
             return decode_shard(dataset, key, decoder=decoder, write=write, preview_rows=preview_rows, report=report)
         finally:
             decoder.close()
-    start = time.perf_counter()
-    plan = plan_shard(dataset, key, report)
+    start, read_at_start = time.perf_counter(), _bytes_so_far(dataset)
+    plan = plan_shard(dataset, key, report, scan=False)
     reader = decoder.reader_for(dataset, plan)
-    rows: list[ManifestRow] = []
-    bytes_read = plan.bytes_read
-    for batch in decoder.batches(dataset, key, keep_images=False, plan=plan):
-        rows.extend(batch.rows)
-        bytes_read += batch.bytes_read
+    try:
+        rows, bytes_read = _decode_planned(decoder, dataset, plan)
+    except StaleIndexError:
+        if not plan.checked_in_reads:
+            raise
+        # The index did not hold where the batches read the tar: the header scan decides whether
+        # it is stale (raised again, as for a local shard) or the tar damaged (planned from the scan).
+        first_try = _bytes_so_far(dataset) - read_at_start
+        plan = plan_shard(dataset, key, report)
+        plan.problems.append("the index did not match the tar where it was read: planned again from a header scan")
+        rows, bytes_read = _decode_planned(decoder, dataset, plan)
+        bytes_read += first_try
     if len(rows) != len(plan.records):  # every record in, every record out
         raise DecodeError(f"{plan.shard_url}: {len(plan.records)} records planned but {len(rows)} came out")
     seconds = time.perf_counter() - start
@@ -1298,6 +1369,21 @@ def decode_shard(
         url = manifest_url(dataset, key)
         result.manifest_url = url
     return result, rows
+
+
+def _decode_planned(decoder: ShardDecoder, dataset, plan: ShardPlan) -> tuple[list[ManifestRow], int]:
+    """Every row of ``plan``, and the bytes planning and decoding read."""
+    rows: list[ManifestRow] = []
+    bytes_read = plan.bytes_read
+    for batch in decoder.batches(dataset, plan.key, keep_images=False, plan=plan):
+        rows.extend(batch.rows)
+        bytes_read += batch.bytes_read
+    return rows, bytes_read
+
+
+def _bytes_so_far(dataset) -> int:
+    """What the dataset's store has returned so far (0 for local disk, which it does not count)."""
+    return int(getattr(dataset.fs, "bytes_read", 0) or 0)
 
 
 def _dali_version() -> str:

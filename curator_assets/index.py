@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
-from curator_assets.tar_members import REGULAR_TYPES, Member, Record, group_records, split_key
+from curator_assets.tar_members import BLOCK, REGULAR_TYPES, Member, Record, group_records, split_key
 
 INDEX_VERSION = "v1.2"
 READABLE_VERSIONS = ("v1.1", "v1.2")
@@ -256,6 +256,37 @@ def parse_index(data: bytes | str, source: str = "index") -> ShardIndex:
             comps.append(IndexComponent(fields[i], offset, size, fields[i + 3] if width == 4 else None))
         records.append(IndexRecord(tuple(comps)))
     return ShardIndex(version, tuple(records))
+
+
+def header_starts(index: ShardIndex, tar_size: int) -> list[int] | str:
+    """Where the tar headers of each component begin, if ``index`` describes a tar of
+    ``tar_size`` bytes: member after member with nothing in between, the first at byte 0 and
+    each next one where the data before it ends (rounded up to a block). A member's headers
+    (its PAX or GNU long-name ones included) then fill ``[start, offset)``, so a reader that
+    finds exactly that member's headers there, for every component, and nothing after the last
+    one but the end of the archive, has checked the index against the tar without a scan.
+    A string says why no tar can be described so (one entry per component, in index order)."""
+    if not index.has_names:
+        return "a v1.1 index names no members"
+    starts: list[int] = []
+    end, last_key = 0, None
+    for rec in index.records:
+        key = rec.key
+        if key == last_key:
+            return f"record {key!r} is split over two lines (one record in a tar)"
+        for c in rec.components:
+            base_key, ext = split_key(c.name)
+            if base_key != key or ext != c.ext:
+                return f"{c.name!r} is listed as .{c.ext} of record {key!r}"
+            gap = c.offset - end
+            if gap < BLOCK or gap % BLOCK:
+                return f"{c.name!r} at byte {c.offset} leaves no whole header after the member before it"
+            if c.offset + c.size > tar_size:
+                return f"{c.name!r} ({c.size} bytes at byte {c.offset}) runs past the end of the tar"
+            starts.append(end)
+            end = c.offset + ((c.size + BLOCK - 1) & -BLOCK)
+        last_key = key
+    return starts
 
 
 def index_differences(index: ShardIndex, records: Sequence[Record], limit: int = 20) -> list[str]:
