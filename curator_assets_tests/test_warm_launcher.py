@@ -139,17 +139,11 @@ def assert_forked_warm(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int:
     return parent
 
 
-def test_sensor_runs_fork_from_the_warm_server(daemon: Daemon, instance: dg.DagsterInstance) -> None:
+def first_batch(daemon: Daemon, instance: dg.DagsterInstance) -> int:
+    """Four shards over two run slots, [00000, 00001] and [00002, 00003], 00001 not a tar: it
+    fails alone, the other shards are decoded, both runs forked warm. Returns the server pid."""
     import pyarrow.parquet as pq
 
-    shard(daemon, "00000", 3, seed=0)
-    (daemon.dataset / "00001.tar").write_bytes(b"garbage" * 300)  # not a tar: fails alone
-    shard(daemon, "00002", 2, seed=2)
-    shard(daemon, "00003", 2, seed=3)
-    assert isinstance(instance.run_launcher, WarmRunLauncher)
-    daemon.start()
-
-    # Four shards over two run slots: [00000, 00001] and [00002, 00003].
     bad, good = finished_run(instance, daemon, "00000"), finished_run(instance, daemon, "00002")
     assert good.status == dg.DagsterRunStatus.SUCCESS, daemon.log()
     assert bad.status == dg.DagsterRunStatus.FAILURE
@@ -164,8 +158,10 @@ def test_sensor_runs_fork_from_the_warm_server(daemon: Daemon, instance: dg.Dags
         table = pq.read_table(daemon.dataset / "_curator" / "manifests" / f"{key}.parquet")
         assert table.num_rows == n and all(table.column("decoded").to_pylist())
     assert not (daemon.dataset / "_curator" / "manifests" / "00001.parquet").exists()
-    (server,) = servers
+    return servers.pop()
 
+
+def terminate_and_kill(daemon: Daemon, instance: dg.DagsterInstance, server: int) -> None:
     # Terminate (as the UI does, from another process than the daemon): the run is canceled.
     shard(daemon, "00004", 200, seed=4)
     running = started_run(instance, daemon, "00004")
@@ -184,8 +180,18 @@ def test_sensor_runs_fork_from_the_warm_server(daemon: Daemon, instance: dg.Dags
     assert killed.status == dg.DagsterRunStatus.FAILURE
     messages = [e.message for e in instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)]
     assert any("signal 9" in m for m in messages), messages
-    health = launcher.check_run_worker_health(killed)
-    assert health.status == WorkerStatus.FAILED
+    assert launcher.check_run_worker_health(killed).status == WorkerStatus.FAILED
+
+
+def test_sensor_runs_fork_from_the_warm_server(daemon: Daemon, instance: dg.DagsterInstance) -> None:
+    shard(daemon, "00000", 3, seed=0)
+    (daemon.dataset / "00001.tar").write_bytes(b"garbage" * 300)  # not a tar: fails alone
+    shard(daemon, "00002", 2, seed=2)
+    shard(daemon, "00003", 2, seed=3)
+    assert isinstance(instance.run_launcher, WarmRunLauncher)
+    daemon.start()
+    server = first_batch(daemon, instance)
+    terminate_and_kill(daemon, instance, server)
 
     # The next run still runs, from the same server.
     shard(daemon, "00006", 2, seed=6)
