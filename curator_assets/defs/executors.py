@@ -80,19 +80,24 @@ def celery_executor() -> dg.ExecutorDefinition:
     return base.configured(celery_config(), name="celery")
 
 
+def k8s_executor_config() -> dict[str, Any]:
+    """The ``k8s_job_executor`` settings: the namespace (``CURATOR_K8S_NAMESPACE``, default
+    ``dagster``) and the ConfigMap and Secret every step pod takes its environment from
+    (``deploy/k8s/``: dataset URLs, store credentials)."""
+    return {
+        "job_namespace": os.environ.get("CURATOR_K8S_NAMESPACE", "dagster"),
+        "env_config_maps": ["curator-env"],
+        "env_secrets": ["curator-secrets"],
+        "step_k8s_config": {"pod_spec_config": {"restart_policy": "Never"}},
+    }
+
+
 def k8s_executor() -> dg.ExecutorDefinition:
-    """Each step a Kubernetes Job in ``CURATOR_K8S_NAMESPACE`` (default ``dagster``) from the
-    run's image; per-step resources, GPU requests and node selectors come from the op tags."""
+    """Each step a Kubernetes Job from the run's image; per-step resources, the GPU request and
+    the GPU node selector come from the op tags (``STEP_TAGS``)."""
     from dagster_k8s import k8s_job_executor
 
-    return k8s_job_executor.configured(
-        {
-            "job_namespace": os.environ.get("CURATOR_K8S_NAMESPACE", "dagster"),
-            "env_config_maps": ["curator-env"],
-            "env_secrets": ["curator-secrets"],
-        },
-        name="k8s",
-    )
+    return k8s_job_executor.configured(k8s_executor_config(), name="k8s")
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
