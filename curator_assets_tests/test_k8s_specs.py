@@ -94,3 +94,20 @@ def test_cpu_steps_ask_for_no_gpu_and_go_anywhere(step_key: str) -> None:
     assert resources["requests"]["cpu"] == "1"
     assert not pod.get("node_selector")
     assert not pod.get("tolerations")
+
+
+def test_deploy_files_name_what_the_executor_reads() -> None:
+    """The ConfigMap and Secret of deploy/k8s are the ones the step pods take their environment
+    from, and the Helm values select the k8s executor."""
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+    objects = {d["kind"]: d["metadata"]["name"] for d in yaml.safe_load_all((deploy / "curator-env.yaml").read_text())}
+    config = k8s_executor_config()
+    assert objects == {"ConfigMap": config["env_config_maps"][0], "Secret": config["env_secrets"][0]}
+    values = yaml.safe_load((deploy / "values.yaml").read_text())
+    env = values["dagster-user-deployments"]["deployments"][0]["env"]
+    assert {"name": "CURATOR_EXECUTOR", "value": "k8s"} in env
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
