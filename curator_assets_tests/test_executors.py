@@ -1,7 +1,7 @@
-"""The Kubernetes deployment on paper: the Job specs dagster-k8s builds for each step of
-``shard_pipeline`` from the executor config and the op tags (no cluster here). The container
-context is put together as ``K8sStepHandler`` does it: the executor's config, then the step's
-``dagster-k8s/config`` tag."""
+"""Executor selection (CURATOR_EXECUTOR), the Celery config, and the Kubernetes deployment on
+paper: the Job specs dagster-k8s builds for each step of ``shard_pipeline`` from the executor
+config and the op tags (no cluster here). The container context is put together as
+``K8sStepHandler`` does it: the executor's config, then the step's ``dagster-k8s/config`` tag."""
 
 from __future__ import annotations
 
@@ -111,3 +111,29 @@ def test_deploy_files_name_what_the_executor_reads() -> None:
     env = values["dagster-user-deployments"]["deployments"][0]["env"]
     assert {"name": "CURATOR_EXECUTOR", "value": "k8s"} in env
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
+
+
+def test_celery_config_is_read_from_the_shared_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """CURATOR_EXECUTOR=celery takes the executor config from the workers' YAML; broker and
+    backend stay environment references; an unknown executor name is an error."""
+    from dagster._config import process_config
+    from dagster_celery import celery_executor as base
+
+    from curator_assets.defs.executors import celery_config, executor_from_env
+
+    config = celery_config()
+    assert config["broker"] == {"env": "CURATOR_CELERY_BROKER"}
+    assert config["backend"] == {"env": "CURATOR_CELERY_BACKEND"}
+    monkeypatch.setenv("CURATOR_CELERY_BROKER", "redis://:pw@host:6379/0")
+    monkeypatch.setenv("CURATOR_CELERY_BACKEND", "redis://:pw@host:6379/1")
+    processed = process_config(base.config_schema.config_type, config)
+    assert processed.success, processed.errors
+    assert processed.value["config_source"]["task_acks_late"] is True
+    monkeypatch.setenv("CURATOR_EXECUTOR", "celery")
+    assert executor_from_env().name == "celery"
+    (tmp_path / "bad.yaml").write_text("broker: x\n")
+    with pytest.raises(ValueError, match="execution.config"):
+        celery_config(tmp_path / "bad.yaml")
+    monkeypatch.setenv("CURATOR_EXECUTOR", "dask")
+    with pytest.raises(ValueError, match="in_process, celery or k8s"):
+        executor_from_env()
