@@ -79,13 +79,13 @@ class Cluster:
 
 def _config_files(tmp: Path, home: Path) -> Path:
     """The shipped instance and Celery files, with two settings made small for a 2-core test:
-    four runs at once, and a killed worker's step handed on after 30 s (instead of 2 h)."""
+    four runs at once, and a killed worker's step handed on after 60 s (instead of 2 h)."""
     instance = yaml.safe_load((REPO / "deploy" / "cluster" / "dagster.yaml").read_text())
     instance["concurrency"]["runs"]["max_concurrent_runs"] = 4
     (home / "dagster.yaml").write_text(yaml.safe_dump(instance))
     celery = yaml.safe_load((REPO / "deploy" / "cluster" / "celery.yaml").read_text())
     options = celery["execution"]["config"]["config_source"]["broker_transport_options"]
-    options.update({"visibility_timeout": 30, "unacked_restore_interval": 2, "unacked_restore_throttle": 1})
+    options.update({"visibility_timeout": 60, "unacked_restore_interval": 2, "unacked_restore_throttle": 1})
     path = tmp / "celery.yaml"
     path.write_text(yaml.safe_dump(celery))
     return path
