@@ -99,6 +99,7 @@ def _environment(home: Path, dataset: Path, celery_yaml: Path, redis_url: str, p
             "CURATOR_CELERY_BACKEND": f"{redis_url}/1", "CURATOR_DATASET_URL": str(dataset),
             "CURATOR_SENSOR_INTERVAL": "1", "CURATOR_RUN_SLOTS": "100",  # one shard per run
             "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO),
+            "DAGSTER_GRPC_TIMEOUT_SECONDS": "300",  # a code server on a loaded 2-core machine answers slowly
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
 
 
@@ -137,18 +138,24 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
             instance.dispose()
 
 
-def _wait_runs(c: Cluster, count: int, timeout: float = 420) -> list:
-    """The ``shard_pipeline`` runs once ``count`` of them exist and all are finished."""
+def _wait_runs(c: Cluster, keys: list[str], before: set[str], timeout: float = 420) -> list:
+    """The ``shard_pipeline`` runs created since ``before`` (run IDs), once each of ``keys`` has
+    a successful one and all of them are finished (a failed run may still get its retry)."""
     import dagster as dg
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = c.instance.get_runs(dg.RunsFilter(job_name="shard_pipeline"))
-        if len(runs) >= count and all(r.is_finished for r in runs):
+        runs = [r for r in c.instance.get_runs(dg.RunsFilter(job_name="shard_pipeline")) if r.run_id not in before]
+        ok = {_shard_of(r) for r in runs if r.status == dg.DagsterRunStatus.SUCCESS}
+        if ok >= set(keys) and all(r.is_finished for r in runs):
             return runs
         time.sleep(2)
-    pytest.fail(f"{count} runs did not finish in {timeout:.0f} s\n--- daemon\n{c.tail('daemon')}\n"
+    pytest.fail(f"{len(keys)} shards did not complete in {timeout:.0f} s\n--- daemon\n{c.tail('daemon')}\n"
                 + "".join(f"--- {n}\n{c.tail(n)}\n" for n in c.workers))
+
+
+def _run_ids(c: Cluster) -> set[str]:
+    return {r.run_id for r in c.instance.get_runs()}
 
 
 def _shard_of(run) -> str:
@@ -198,14 +205,23 @@ def _assert_manifest(c: Cluster, key: str) -> None:
     assert [(row["record_id"], row["decoded"], row["sha256"]) for row in table] == expected, key
 
 
-def _assert_all_succeeded(c: Cluster, runs, keys: list[str]) -> None:
+def _assert_all_succeeded(c: Cluster, runs, keys: list[str]) -> list:
+    """Every shard's run succeeded and its manifest is right; returns the successful runs. A run
+    the daemon could not launch (a code server too slow to answer on a loaded machine) fails
+    before any step and is retried by the daemon (`run_retries`): such a run is allowed only
+    when its retry succeeded."""
     import dagster as dg
 
-    assert sorted(_shard_of(r) for r in runs) == sorted(keys)
-    failed = {_shard_of(r): r.status.value for r in runs if r.status != dg.DagsterRunStatus.SUCCESS}
-    assert not failed, f"{failed}\n--- daemon\n{c.tail('daemon')}"
+    done = [r for r in runs if r.status == dg.DagsterRunStatus.SUCCESS]
+    assert sorted(_shard_of(r) for r in done) == sorted(keys), f"{[(_shard_of(r), r.status) for r in runs]}"
+    retried = {r.tags.get("dagster/parent_run_id") for r in done}
+    for run in runs:
+        if run.status != dg.DagsterRunStatus.SUCCESS:
+            assert run.run_id in retried, f"{_shard_of(run)}: {run.status}\n{c.tail('daemon')}"
+            assert not _step_workers(c, run.run_id), f"{_shard_of(run)}: a step failed"
     for key in keys:
         _assert_manifest(c, key)
+    return done
 
 
 def test_dozen_shards_across_two_workers(cluster: Cluster) -> None:
@@ -215,8 +231,7 @@ def test_dozen_shards_across_two_workers(cluster: Cluster) -> None:
     assert type(cluster.instance.run_storage).__name__ == "PostgresRunStorage"
     keys = [f"{i:05d}" for i in range(12)]
     cluster.add_shards(keys, records=6, start=0)
-    runs = _wait_runs(cluster, len(keys))
-    _assert_all_succeeded(cluster, runs, keys)
+    runs = _assert_all_succeeded(cluster, _wait_runs(cluster, keys, set()), keys)
 
     placed: dict[str, set[str]] = {step: set() for step in PIPELINE_STEPS}
     for run in runs:
@@ -235,11 +250,10 @@ def test_dozen_shards_across_two_workers(cluster: Cluster) -> None:
 def test_pool_limit_two_allows_two_decodes(cluster: Cluster) -> None:
     """The control: at limit 2 the same measurement does see two decodes at once."""
     cluster.instance.event_log_storage.set_concurrency_slots("gpu", 2)
-    before = {r.run_id for r in cluster.instance.get_runs()}
+    before = _run_ids(cluster)
     keys = [f"{i:05d}" for i in range(12, 16)]  # four runs: all start at once (max_concurrent_runs 4)
     cluster.add_shards(keys, records=200, start=100)
-    runs = [r for r in _wait_runs(cluster, 12 + len(keys)) if r.run_id not in before]
-    _assert_all_succeeded(cluster, runs, keys)
+    runs = _assert_all_succeeded(cluster, _wait_runs(cluster, keys, before), keys)
     assert max_overlap(_decode_intervals(cluster, runs)) == 2
 
 
@@ -272,6 +286,7 @@ def test_worker_killed_mid_decode_is_retried_elsewhere(cluster: Cluster) -> None
 
     cluster.instance.event_log_storage.set_concurrency_slots("gpu", 1)
     key = "00016"
+    before = _run_ids(cluster)
     cluster.add_shards([key], records=1500, start=2000)
     run_id = _wait_decode_started(cluster, WORKER_A)
     os.killpg(cluster.workers[WORKER_A].pid, signal.SIGSTOP)  # freeze it where it is, then check
@@ -279,7 +294,7 @@ def test_worker_killed_mid_decode_is_retried_elsewhere(cluster: Cluster) -> None
     cluster.kill_worker(WORKER_A)
     cluster.start_worker(WORKER_C, "gpu", concurrency=1)
 
-    run = next(r for r in _wait_runs(cluster, 17) if r.run_id == run_id)
+    run = next(r for r in _wait_runs(cluster, [key], before) if r.run_id == run_id)
     assert run.status == dg.DagsterRunStatus.SUCCESS, cluster.tail("daemon")
     decode_workers = [w for s, w in _step_workers(cluster, run_id) if s == "decoded_images"]
     assert decode_workers == [WORKER_A, WORKER_C]
