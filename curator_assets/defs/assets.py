@@ -15,6 +15,7 @@ from curator_assets.defs.checks import (
     evaluation,
     validation_evaluations,
 )
+from curator_assets.defs.executors import STEP_TAGS
 from curator_assets.defs.partitions import BACKFILL_POLICY, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.index import IndexFormatError, ensure_index
@@ -136,6 +137,7 @@ def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
 
 @dg.asset(
     **PER_SHARD,
+    op_tags=STEP_TAGS["shard_index"],
     kinds={"python"},
     description="The shard's DALI .idx (wds2idx v1.2 format): built, or reused when the tar is unchanged.",
     check_specs=INDEX_CHECKS,
@@ -181,6 +183,7 @@ def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: 
 
 @dg.asset(
     **PER_SHARD,
+    op_tags=STEP_TAGS["shard_validation"],
     deps=[shard_index],
     kinds={"python"},
     check_specs=VALIDATION_CHECKS,
@@ -325,6 +328,7 @@ def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: D
 
 @dg.asset(
     **PER_SHARD,
+    op_tags=STEP_TAGS["decoded_images"],
     deps=[shard_index, shard_validation],
     pool="gpu",
     kinds={"dali"},
