@@ -20,7 +20,7 @@ the run's events, status, failures and step logs are the same. The launcher also
 * restarts the fork server when the project's source files change, so a run never executes
   code older than what the code location shows.
 
-Configure it in ``dagster.yaml``::
+Configure it in ``dagster.yaml`` (as ``deploy/local/dagster.yaml`` does)::
 
     run_launcher:
       module: curator_assets.launcher

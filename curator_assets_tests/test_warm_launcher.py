@@ -72,7 +72,7 @@ def daemon(tmp_path: Path, monkeypatch) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     d.home.mkdir()
     d.dataset.mkdir()
-    shutil.copy(REPO / "dagster.yaml", d.home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", d.home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(d.home))
     dg.DagsterInstance.get().dispose()  # create the storage before the daemon and the runs race to
     try:

@@ -40,7 +40,7 @@ MAX_SHARDS_PER_RUN = _env_int("CURATOR_MAX_SHARDS_PER_RUN", 16)
 
 def run_slots(instance: dg.DagsterInstance | None = None) -> int:
     """Runs the sensor and the schedule spread pending shards over: ``CURATOR_RUN_SLOTS`` when
-    set, else the instance's ``max_concurrent_runs`` (2 in the repo's ``dagster.yaml``: on two
+    set, else the instance's ``max_concurrent_runs`` (2 in the repo's ``deploy/local/dagster.yaml``: on two
     cores one run's start-up overlaps the other's decode), else 2."""
     if os.environ.get("CURATOR_RUN_SLOTS"):
         return _env_int("CURATOR_RUN_SLOTS", 2)
