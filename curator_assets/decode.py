@@ -1358,17 +1358,21 @@ def decode_shard(
         list(plan.errors), plan.report, plan.flagged,
     )
     if write:
-        info = {
-            "shard": key, "shard_url": plan.shard_url, "device": result.device, "reader": reader,
-            "plan": plan.source, "records": result.records, "decoded": decoded, "failed": result.failed,
-            "no_image": no_image, "seconds": round(seconds, 4), "problems": plan.problems, "dali": _dali_version(),
-            "ok": result.ok, "shard_errors": [f"{c}: {d}" for c, d in plan.errors], "report": plan.report,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        write_manifest(dataset, key, manifest_table(rows, info))
+        write_manifest(dataset, key, manifest_table(rows, _manifest_info(result, plan)))
         url = manifest_url(dataset, key)
         result.manifest_url = url
     return result, rows
+
+
+def _manifest_info(result: DecodeResult, plan: ShardPlan) -> dict[str, Any]:
+    """The shard-level facts a manifest carries beside its rows."""
+    return {
+        "shard": result.key, "shard_url": plan.shard_url, "device": result.device, "reader": result.reader,
+        "plan": plan.source, "records": result.records, "decoded": result.decoded, "failed": result.failed,
+        "no_image": result.no_image, "seconds": round(result.seconds, 4), "problems": plan.problems,
+        "dali": _dali_version(), "ok": result.ok, "shard_errors": [f"{c}: {d}" for c, d in plan.errors],
+        "report": plan.report, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _decode_planned(decoder: ShardDecoder, dataset, plan: ShardPlan) -> tuple[list[ManifestRow], int]:
