@@ -561,18 +561,23 @@ def validate_file(
     _check_record_ids(records, out)
 
     # 4. The index.
-    if index_bytes is None:
-        report.index = "missing"
-        if expect_index:
-            out.add("idx_missing", "no .idx beside the shard: readers must scan the whole tar first")
-    else:
-        report.index = _check_index(index_bytes, records, out)
+    report.index = _index_state(index_bytes, expect_index, records, out)
 
     # 5. Image headers and side files (read during the scan).
     report.images = images
     report.problems = out.problems + content_problems
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _index_state(index_bytes: bytes | None, expect_index: bool, records: list[Record], out: _Collector) -> str:
+    """The report's ``index`` field; a missing index (when one is expected) or one that does not
+    describe the records is a problem."""
+    if index_bytes is None:
+        if expect_index:
+            out.add("idx_missing", "no .idx beside the shard: readers must scan the whole tar first")
+        return "missing"
+    return _check_index(index_bytes, records, out)
 
 
 def _check_contents(window: _Window, records: list[Record], max_pixels: int, out: _Collector) -> list[ImageInfo]:
