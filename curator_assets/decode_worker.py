@@ -27,8 +27,10 @@ threads or a CUDA context is unsafe):
 
 Test hooks: when ``CURATOR_TEST_CRASH_MARKER`` is set in the environment, the worker kills
 itself with SIGSEGV on a batch holding an image whose bytes contain that marker; with
-``CURATOR_TEST_HANG_MARKER``, it stops answering on such a batch (the variables are only ever
-set by tests; a real DALI segfault or hang is not reproducible on demand).
+``CURATOR_TEST_HANG_MARKER``, it stops answering on such a batch; with ``CURATOR_TEST_GATE_DIR``,
+while ``<dir>/closed`` exists, it names itself in ``<dir>/<parent pid>-<pid>`` and holds each batch
+until the file is gone, so that a test can know two decodes are open at once (the variables are
+only ever set by tests; a real DALI segfault or hang is not reproducible on demand).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from curator_assets.decode import BatchDecodeFailed, DecodeOptions, DeviceChoice
 
 CRASH_MARKER_ENV = "CURATOR_TEST_CRASH_MARKER"
 HANG_MARKER_ENV = "CURATOR_TEST_HANG_MARKER"
+GATE_DIR_ENV = "CURATOR_TEST_GATE_DIR"
+GATE_LIMIT_SECONDS = 240.0  # well inside the parent's wait for an answer
 # A new worker imports DALI and builds its pipeline before its first answer: seconds on an idle
 # machine, tens on a loaded one. This much is allowed on top of the batch timeout.
 STARTUP_SECONDS = 120.0
@@ -116,6 +120,7 @@ def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
     """Build one DALI pipeline, then decode batches until the pipe closes."""
     marker = os.environ.get(CRASH_MARKER_ENV, "").encode() or None
     hang = os.environ.get(HANG_MARKER_ENV, "").encode() or None
+    gate = os.environ.get(GATE_DIR_ENV) or None
     decoder = ImageDecoder(device, options)
     try:
         decoder.build()
@@ -137,8 +142,23 @@ def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
             os.kill(os.getpid(), signal.SIGSEGV)
         while hang is not None and any(hang in a.tobytes() for a in arrays):
             time.sleep(60)
+        if gate is not None:
+            _hold_at_gate(gate)
         serial += 1
         conn.send(_decode_reply(decoder, arrays, want_pixels, serial))
+
+
+def _hold_at_gate(gate: str) -> None:
+    """The gate test hook (module docstring): wait while ``<gate>/closed`` exists, at most
+    GATE_LIMIT_SECONDS."""
+    closed = os.path.join(gate, "closed")
+    if not os.path.exists(closed):
+        return
+    with open(os.path.join(gate, f"{os.getppid()}-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + GATE_LIMIT_SECONDS
+    while os.path.exists(closed) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _open_input(name: str) -> mmap.mmap:
@@ -389,8 +409,9 @@ class ContainedDecoder:
         return self._conn is not None and self._process.poll() is None
 
     def _wanted(self) -> tuple:
-        """What makes two workers interchangeable (the test hook is read when a worker starts)."""
-        return self.device, self.options, os.environ.get(CRASH_MARKER_ENV), os.environ.get(HANG_MARKER_ENV)
+        """What makes two workers interchangeable (the test hooks are read when a worker starts)."""
+        hooks = (os.environ.get(CRASH_MARKER_ENV), os.environ.get(HANG_MARKER_ENV), os.environ.get(GATE_DIR_ENV))
+        return self.device, self.options, *hooks
 
     @property
     def pid(self) -> int | None:
