@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--records", type=int, default=500)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--keep", type=Path, help="work in this new folder and keep it (the instance, for a look after)")
     ap.add_argument("--slots", type=int, default=0, help="CURATOR_RUN_SLOTS for the sensor (default: its own)")
     args = ap.parse_args()
     if args.slots:
@@ -170,7 +171,8 @@ def main() -> None:
     source = photo_dataset(f"pipeline-{args.shards}x{args.records}", args.shards, args.records)
     keys = {p.stem for p in source.glob("*.tar")}
     images = args.shards * args.records
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         cli_dir, run_dir, dg_dir = Path(tmp) / "cli", Path(tmp) / "run", Path(tmp) / "dagster"
         for d in (cli_dir, run_dir, dg_dir):
             shutil.copytree(source, d, ignore=shutil.ignore_patterns(".complete"))

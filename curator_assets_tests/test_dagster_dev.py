@@ -129,13 +129,14 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     while time.time() < deadline:
         runs = [r for r in gql(url, RUNS)["runsOrError"]["results"] if r["jobName"] == "shard_pipeline"]
         done = [r for r in runs if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
-        if len(runs) >= 2 and len(done) == len(runs):
+        if runs and len(done) == len(runs):
             break
         time.sleep(2)
-    # Four new shards over two run slots: two runs of two consecutive shards each.
+    # Four new shards, one `gpu` slot on this CPU-only machine (the shipped dagster.yaml): one
+    # run over the four, in the partitions' order.
     ranges = sorted((tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end"))
                     for r in runs for tags in [{t["key"]: t["value"] for t in r["tags"]}])
-    assert ranges == [("00000", "00002"), ("00003", "part-a/00001")], runs
+    assert ranges == [("00000", "part-a/00001")], runs
     assert all(r["status"] == "SUCCESS" for r in runs), failures(tmp_path / "home")
     for key in ("00000", "00002", "00003", "part-a/00001"):
         assert (tmp_path / "dataset" / f"{key}.idx").exists()

@@ -16,6 +16,8 @@ from curator_assets.defs.resources import ShardStorage
 from curator_assets.defs.sensors import decode_cursor, shard_sensor
 from curator_assets.index import parse_index
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def instance():
@@ -266,6 +268,27 @@ def test_sensor_batches_new_shards_into_ranged_runs_each_shard_its_own_partition
     assert {r.asset_materialization.metadata["manifest_path"].value.rsplit("/", 1)[-1] for r in records} == {
         f"{n}.parquet" for n in names}
     assert [d.builds for d in decoder.decoders] == builds_before  # built once (or before), never per shard
+
+
+def test_run_slots_follow_the_run_queue_and_the_decode_pool(tmp_path: Path, monkeypatch) -> None:
+    """The shipped instance (max_concurrent_runs 2, pool default 1): new shards are spread over
+    one run, since decodes take turns; with three gpu slots, over the two runs the queue allows;
+    CURATOR_RUN_SLOTS overrides both; pools without a limit leave the queue's."""
+    import shutil
+
+    from curator_assets.defs.partitions import DECODE_POOL, run_slots
+
+    monkeypatch.delenv("CURATOR_RUN_SLOTS", raising=False)
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as inst:
+        assert run_slots(inst) == 1
+        inst.event_log_storage.set_concurrency_slots(DECODE_POOL, 3)
+        assert run_slots(inst) == 2
+        monkeypatch.setenv("CURATOR_RUN_SLOTS", "5")
+        assert run_slots(inst) == 5
+    with dg.instance_for_test() as bare:  # Dagster's run queue, pools without a limit: the queue's
+        monkeypatch.delenv("CURATOR_RUN_SLOTS")
+        assert run_slots(bare) == bare.get_concurrency_config().run_queue_config.max_concurrent_runs
 
 
 def test_batch_size_and_contiguous_ranges() -> None:

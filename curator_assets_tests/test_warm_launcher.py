@@ -189,6 +189,7 @@ def test_sensor_runs_fork_from_the_warm_server(daemon: Daemon, instance: dg.Dags
     shard(daemon, "00002", 2, seed=2)
     shard(daemon, "00003", 2, seed=3)
     assert isinstance(instance.run_launcher, WarmRunLauncher)
+    daemon.extra_env["CURATOR_RUN_SLOTS"] = "2"  # two runs at once (the default spreads over one)
     daemon.start()
     server = first_batch(daemon, instance)
     terminate_and_kill(daemon, instance, server)

@@ -16,7 +16,7 @@ from curator_assets.defs.checks import (
     validation_evaluations,
 )
 from curator_assets.defs.executors import STEP_TAGS
-from curator_assets.defs.partitions import BACKFILL_POLICY, shards
+from curator_assets.defs.partitions import BACKFILL_POLICY, DECODE_POOL, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.index import IndexFormatError, ensure_index
 from curator_assets.manifest import markdown_preview
@@ -330,7 +330,7 @@ def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: D
     **PER_SHARD,
     op_tags=STEP_TAGS["decoded_images"],
     deps=[shard_index, shard_validation],
-    pool="gpu",
+    pool=DECODE_POOL,
     kinds={"dali"},
     description="Every image of the shard decoded with DALI (GPU when available, else CPU); writes a Parquet "
     "manifest with one row per record: ID, member, size, decoded or the error, caption, JSON, sha256.",

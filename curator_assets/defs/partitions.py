@@ -38,20 +38,43 @@ def _env_int(name: str, default: int) -> int:
 MAX_SHARDS_PER_RUN = _env_int("CURATOR_MAX_SHARDS_PER_RUN", 16)
 
 
+# The pool the decode step takes a slot of (one decode at a time per GPU, or per CPU machine).
+DECODE_POOL = "gpu"
+
+
 def run_slots(instance: dg.DagsterInstance | None = None) -> int:
     """Runs the sensor and the schedule spread pending shards over: ``CURATOR_RUN_SLOTS`` when
-    set, else the instance's ``max_concurrent_runs`` (2 in the repo's ``deploy/local/dagster.yaml``: on two
-    cores one run's start-up overlaps the other's decode), else 2."""
+    set, else the smaller of the instance's ``max_concurrent_runs`` and the decode pool's limit,
+    else 1.
+
+    Decodes wait for a slot of the ``gpu`` pool, so more runs than slots only add start-ups: on
+    a CPU-only machine (limit 1), 8 shards x 500 as 2 runs of 4 took 17.5 s through the daemon,
+    as 1 run of 8 11.0 s (`benchmarks/bench_pipeline.py --slots`); the second run's start-up,
+    decode workers and writes competed with the first run's decode for the cores, then it waited
+    for the slot anyway. A flood still fills ``max_concurrent_runs`` (runs of 16): there the
+    next run starts and indexes while the last one decodes."""
     if os.environ.get("CURATOR_RUN_SLOTS"):
-        return _env_int("CURATOR_RUN_SLOTS", 2)
-    if instance is not None:
-        try:
-            limit = instance.get_concurrency_config().run_queue_config.max_concurrent_runs
-        except Exception:  # noqa: BLE001 - an instance without a run queue
-            limit = None
-        if isinstance(limit, int) and limit > 0:
-            return limit
-    return 2
+        return _env_int("CURATOR_RUN_SLOTS", 1)
+    if instance is None:
+        return 1
+    limits = [_max_concurrent_runs(instance), _pool_limit(instance, DECODE_POOL)]
+    known = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(known, default=1)
+
+
+def _max_concurrent_runs(instance: dg.DagsterInstance) -> int | None:
+    try:
+        return instance.get_concurrency_config().run_queue_config.max_concurrent_runs
+    except Exception:  # noqa: BLE001 - an instance without a run queue
+        return None
+
+
+def _pool_limit(instance: dg.DagsterInstance, pool: str) -> int | None:
+    """The pool's limit: set (``dagster instance concurrency set``) or the instance default."""
+    try:
+        return instance.event_log_storage.get_concurrency_info(pool).limit
+    except Exception:  # noqa: BLE001 - a storage without pools: no limit
+        return None
 
 
 def batch_size(pending: int, slots: int | None = None, most: int | None = None) -> int:

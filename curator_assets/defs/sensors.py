@@ -76,8 +76,9 @@ def shard_sensor(context: dg.SensorEvaluationContext, storage: ShardStorage) -> 
     # One listing per tick (no request per object), one read of the partitions, a cursor of one
     # short fingerprint per shard (zlib-compressed). Batching: the new shards of a tick, in
     # listing order, become runs of consecutive partitions; ``batch_size`` spreads them over the
-    # run slots (max_concurrent_runs, or CURATOR_RUN_SLOTS) with at most CURATOR_MAX_SHARDS_PER_RUN (16) per
-    # run, so one new shard runs alone and at once, and 100,000 become 6,250 runs of 16.
+    # run slots (``run_slots``: the fewer of max_concurrent_runs and the decode pool's slots, or
+    # CURATOR_RUN_SLOTS) with at most CURATOR_MAX_SHARDS_PER_RUN (16) per run, so one new shard runs
+    # alone and at once, 8 on a CPU-only machine one run of 8, and 100,000 6,250 runs of 16.
     try:
         listing = storage.dataset().list_shards()
     except StorageError as exc:
