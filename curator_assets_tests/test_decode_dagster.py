@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -97,6 +99,58 @@ def test_decode_config_reaches_the_decoder_and_bad_config_fails_clearly(tmp_path
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "device must be one of" in failure.step_failure_data.error.message
+
+
+def test_a_run_starts_its_decoder_while_it_indexes(tmp_path, photos, instance):
+    """A run that decodes later in its process builds its decoder from its first step on (in a
+    background thread), with the decode step's options, and the decode step uses that one: one
+    decoder more in the process, not two. A run without the decode step starts none."""
+    from curator_assets.decode import DecodeOptions, shared_decoder, shared_decoder_wanted, shared_decoders_built
+    from curator_assets.defs.assets import DecodedImagesConfig, decode_options
+
+    assert decode_options(DecodedImagesConfig()) == DecodeOptions()  # what `curator-assets run` starts early
+    folder = tmp_path / "ds"
+    write_members(folder / "00000.tar", members(photos[:3], ["a", "b", "c"]))
+    storage = ShardStorage(dataset_url=str(folder))
+    instance.add_dynamic_partitions(shards.name, ["00000"])
+    job = build_definitions(storage).resolve_job_def("shard_pipeline")
+
+    def config(batch: int) -> dict:
+        return {"ops": {"decoded_images": {"config": {"device": "cpu", "batch_size": batch, "pipelines": 1}}}}
+
+    before = shared_decoders_built()
+    result = job.execute_in_process(partition_key="00000", instance=instance, run_config=config(5))
+    assert result.success
+    assert shared_decoder_wanted(DecodeOptions(device="cpu", batch_size=5, pipelines=1))
+    assert shared_decoders_built() == before + 1
+    options = DecodeOptions(device="cpu", batch_size=5, pipelines=1)
+    decode_start = next(e.timestamp for e in instance.all_logs(result.run_id)
+                        if e.dagster_event and e.dagster_event.event_type_value == "STEP_START"
+                        and e.dagster_event.step_key == "decoded_images")
+    assert shared_decoder(options).created_at < decode_start  # begun before the decode step began
+    assert result.asset_materializations_for_node("decoded_images")[0].metadata["decoded"].value == 3
+
+    # Indexing alone, in a fresh process (this one may hold a default decoder already).
+    proc = subprocess.run([sys.executable, "-c", INDEX_ONLY, str(folder)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["indexed", "no-decoder"], proc.stdout
+
+
+INDEX_ONLY = """
+import sys
+import dagster as dg
+from curator_assets.decode import DecodeOptions, shared_decoder_wanted
+from curator_assets.definitions import build_definitions
+from curator_assets.defs.assets import shard_index
+from curator_assets.defs.partitions import shards
+from curator_assets.defs.resources import ShardStorage
+job = build_definitions(ShardStorage(dataset_url=sys.argv[1])).resolve_job_def("shard_pipeline")
+with dg.instance_for_test() as instance:
+    instance.add_dynamic_partitions(shards.name, ["00000"])
+    ok = job.get_subset(asset_selection={shard_index.key}).execute_in_process(partition_key="00000", instance=instance)
+    print("indexed" if ok.success else "failed", "decoder" if shared_decoder_wanted(DecodeOptions()) else "no-decoder")
+"""
 
 
 def test_a_shard_level_error_blocks_decoding_in_the_pipeline(tmp_path, photos, instance):
