@@ -300,7 +300,7 @@ def start_decoder_early(context: dg.AssetExecutionContext) -> None:
     raw = (context.run.run_config.get("ops") or {}).get("decoded_images", {}).get("config") or {}
     try:
         options = decode_options(DecodedImagesConfig(**raw))
-    except (ValueError, TypeError):  # the decode step reports a bad config itself
+    except Exception:  # noqa: BLE001 - a bad config is the decode step's to report, never this step's
         return
     prepare_shared_decoder(options)
 
@@ -312,7 +312,7 @@ def _decodes_here_later(context: dg.AssetExecutionContext) -> bool:
     steps = context.run.step_keys_to_execute
     if steps is not None:
         return "decoded_images" in steps
-    if context.run.asset_selection is not None:
+    if context.run.asset_selection:
         return dg.AssetKey("decoded_images") in context.run.asset_selection
     return job.has_node_named("decoded_images")
 
