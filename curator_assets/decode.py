@@ -1382,7 +1382,7 @@ def _manifest_info(result: DecodeResult, plan: ShardPlan) -> dict[str, Any]:
         "shard": result.key, "shard_url": plan.shard_url, "device": result.device, "reader": result.reader,
         "plan": plan.source, "records": result.records, "decoded": result.decoded, "failed": result.failed,
         "no_image": result.no_image, "seconds": round(result.seconds, 4), "problems": plan.problems,
-        "dali": _dali_version(), "ok": result.ok, "shard_errors": [f"{c}: {d}" for c, d in plan.errors],
+        "dali": dali_version(), "ok": result.ok, "shard_errors": [f"{c}: {d}" for c, d in plan.errors],
         "report": plan.report, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -1407,7 +1407,7 @@ DALI_DISTRIBUTIONS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali
 
 
 @functools.cache
-def _dali_version() -> str:
+def dali_version() -> str:
     """The installed DALI's version, for the manifest. Read from the package metadata: this
     process may never import DALI (its decoders run in worker processes), and importing it only
     for the version cost ~1.2 s of CPU per command."""

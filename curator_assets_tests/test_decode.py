@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -466,6 +468,28 @@ def test_decode_on_an_object_store_matches_the_local_decode(object_store, tmp_pa
 
 
 # -- devices and options --------------------------------------------------------------------------
+
+
+def test_device_count_and_dali_version_agree_with_dali_itself() -> None:
+    """The device count (asked of libcuda) and the manifest's DALI version (from the package
+    metadata) are what DALI says, though the process that reads them never imports DALI."""
+    script = ("import sys, os\n"
+              "from curator_assets.decode import cuda_device_count, dali_version\n"
+              "ours = (cuda_device_count(), dali_version())\n"
+              "assert 'nvidia.dali' not in sys.modules, 'DALI was imported'\n"
+              "import nvidia.dali\n"
+              "from nvidia.dali import backend\n"
+              "try:\n    theirs = int(backend.GetCUDADeviceCount())\n"
+              "except Exception:\n    theirs = 0\n"
+              "print(ours == (theirs, nvidia.dali.__version__), ours, theirs, nvidia.dali.__version__)\n"
+              "os.environ['CUDA_VISIBLE_DEVICES'] = ''\n"
+              "print(cuda_device_count())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    agree, hidden = proc.stdout.splitlines()[-2:]
+    assert agree.startswith("True"), agree
+    assert hidden == "0"  # no device is visible with CUDA_VISIBLE_DEVICES empty
 
 
 def test_device_choice_is_automatic_and_reported():
