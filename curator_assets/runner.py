@@ -59,13 +59,7 @@ def run_pipeline(
     out=None,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
-    # The decoder's worker processes start now, while Dagster is imported and the instance made
-    # (~3 s here): the first decode no longer waits ~2 s for them. These are the options of
-    # decoded_images' default config, which is what this command runs.
-    from curator_assets.decode import DecodeOptions, prepare_shared_decoder
-
-    prepare_shared_decoder(DecodeOptions())
-
+    _start_decoder()
     import dagster as dg
 
     from curator_assets.definitions import build_definitions
@@ -112,6 +106,15 @@ def run_pipeline(
         )
         print(_where(storage.dataset()), file=out)
     return 1 if failed or listing.rejected or not dataset_line else 0
+
+
+def _start_decoder() -> None:
+    """Start the decoder's worker processes now, while Dagster is imported and the instance made
+    (~3 s here): the first decode no longer waits ~2 s for them. These are the options of
+    decoded_images' default config, which is what ``run`` runs."""
+    from curator_assets.decode import DecodeOptions, prepare_shared_decoder
+
+    prepare_shared_decoder(DecodeOptions())
 
 
 PID_TAG = "curator/owner"  # host:pid of the `run` process executing a run in-process
