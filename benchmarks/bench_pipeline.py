@@ -73,7 +73,7 @@ def dagster_pass(folder: Path, home: Path, keys: set[str], timeout: float) -> di
     home.mkdir(parents=True)
     shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(folder),
-           "CURATOR_SENSOR_INTERVAL": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+           "CURATOR_SENSOR_INTERVAL": os.environ.get("CURATOR_SENSOR_INTERVAL", "1"), "DAGSTER_DISABLE_TELEMETRY": "1"}
     os.environ["DAGSTER_HOME"] = str(home)
     dg.DagsterInstance.get().dispose()  # create the storage before two processes race to create it
     log = open(home / "daemon.log", "wb")
