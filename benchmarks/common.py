@@ -62,3 +62,48 @@ def bin_of(name: str) -> str:
     """A console script of the running interpreter's environment."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
+
+
+class CpuMeter:
+    """Samples the machine's CPU counters (``/proc/stat``) in a background thread, so that a
+    benchmark can say how busy the cores were over any window of wall-clock time: work that
+    waits (idle cores) and work that competes (busy cores) call for different fixes."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float, float]] = []  # (time, busy s, total s) summed over cores
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _read(self) -> tuple[float, float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        total = sum(fields[:8])
+        return time.time(), (total - idle) / self._tick, total / self._tick
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._read())
+            self._stop.wait(self._interval)
+
+    def busy(self, start: float, end: float) -> tuple[float, float]:
+        """(busy core-seconds, core-seconds in all) between two ``time.time()`` instants."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return 0.0, 0.0
+        return inside[-1][1] - inside[0][1], inside[-1][2] - inside[0][2]
+
+    def line(self, start: float, end: float) -> str:
+        busy, total = self.busy(start, end)
+        return f"cores busy {busy:.1f} of {total:.1f} core-s ({100 * busy / total:.0f}%)" if total else "cores: n/a"

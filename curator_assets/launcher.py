@@ -124,6 +124,11 @@ _SERVER = _WarmServer()
 def launches_runs() -> bool:
     """Whether this process is the one that launches queued runs (``dagster-daemon run``, also
     under ``dagster dev``); the webserver and the CLI build the launcher too, but only submit."""
+    if multiprocessing.parent_process() is not None:
+        # A process multiprocessing started (a run worker forked by the warm server) carries its
+        # parent's sys.argv, the daemon's: it launches nothing, and must not start a fork server of
+        # its own (a second server importing Dagster, the project and DALI: ~3 s of CPU per run).
+        return False
     main = Path(sys.argv[0] if sys.argv else "")
     return (main.name == "dagster-daemon" or main.parent.name == "_daemon"  # `python -m dagster._daemon`
             or os.environ.get("CURATOR_WARM_EAGER") == "1")
