@@ -218,3 +218,28 @@ def test_fallback_to_dagsters_default_launcher(daemon: Daemon, instance: dg.Dags
     assert run.status == dg.DagsterRunStatus.SUCCESS, daemon.log()
     assert LAUNCHER_TAG not in run.tags and WORKER_PID_TAG not in run.tags
     assert GRPC_INFO_TAG in run.tags  # launched through the code server
+
+
+def _launches_runs_here(queue) -> None:
+    from curator_assets.launcher import launches_runs
+
+    queue.put(launches_runs())
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_run_worker_is_not_the_launching_process(monkeypatch, method: str) -> None:
+    """A process that multiprocessing starts (a run worker forked by the warm server) carries the
+    daemon's sys.argv; it must not take itself for the daemon and start a fork server of its own."""
+    import multiprocessing
+
+    from curator_assets.launcher import launches_runs
+
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "dagster-daemon"), "run"])
+    assert launches_runs()  # the daemon itself
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=_launches_runs_here, args=(queue,))
+    child.start()
+    answer = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert answer is False

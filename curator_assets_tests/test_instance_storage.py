@@ -1,0 +1,188 @@
+"""The single-machine instance's storage (curator_assets/instance_storage.py): Dagster's SQLite
+files and schema with connections kept open per process. Real instances on temporary
+DAGSTER_HOMEs, real processes (a fork, a second interpreter writing at the same time)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+from dagster._core.events.log import EventLogEntry
+from dagster._core.instance import InstanceRef
+
+from curator_assets.instance_storage import (
+    OPEN_FILES,
+    PooledSqliteEventLogStorage,
+    PooledSqliteRunStorage,
+    PooledSqliteStorage,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET = dg.AssetKey("shard_index")
+
+
+def shipped_home(tmp_path: Path, name: str = "home") -> Path:
+    home = tmp_path / name
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def open_instance(home: Path) -> dg.DagsterInstance:
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+
+
+def materialize(instance: dg.DagsterInstance, run_id: str, key: str) -> None:
+    """A partition's materialization event, stored as a run's step stores it."""
+    mat = dg.AssetMaterialization(asset_key=ASSET, partition=key, metadata={"records": int(key)})
+    event = DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, "shard_pipeline",
+                         event_specific_data=StepMaterializationData(mat))
+    instance.handle_new_event(EventLogEntry(user_message="", level=20, job_name="shard_pipeline", run_id=run_id,
+                                            error_info=None, timestamp=time.time(), dagster_event=event))
+
+
+def run_id(n: int) -> str:
+    return f"{n:08x}-0000-4000-8000-000000000000"
+
+
+def records_of(instance: dg.DagsterInstance, key: str) -> list[int]:
+    result = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=ASSET, asset_partitions=[key]), limit=10)
+    return [r.asset_materialization.metadata["records"].value for r in result.records]
+
+
+def test_the_shipped_instance_uses_the_pooled_storage(tmp_path: Path, monkeypatch) -> None:
+    home = shipped_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with open_instance(home) as instance:
+        assert instance.get_ref().storage_data.class_name == PooledSqliteStorage.__name__
+        assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
+        assert isinstance(instance.run_storage, PooledSqliteRunStorage)
+        materialize(instance, run_id(1), "00007")
+        assert records_of(instance, "00007") == [7]
+    # Dagster's own layout: the same files its SQLite storage writes.
+    assert (home / "history" / "runs.db").exists()
+    assert (home / "history" / "runs" / "index.db").exists()
+    assert (home / "history" / "runs" / f"{run_id(1)}.db").exists()
+    assert (home / "schedules" / "schedules.db").exists()
+
+
+def test_dagsters_own_storage_and_the_pooled_one_read_each_other(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # Dagster's default SQLite storage
+    with open_instance(plain) as instance:
+        assert type(instance.event_log_storage).__name__ == "SqliteEventLogStorage"
+        materialize(instance, run_id(1), "00001")
+        instance.add_dynamic_partitions("shards", ["00001"])
+    # The same folder opened with the pooled storage: everything is there, and it writes on.
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", plain / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(plain)
+    try:
+        with open_instance(plain) as instance:
+            assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
+            assert records_of(instance, "00001") == [1]
+            assert list(instance.get_dynamic_partitions("shards")) == ["00001"]
+            materialize(instance, run_id(2), "00002")
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    (plain / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with open_instance(plain) as instance:
+        assert records_of(instance, "00002") == [2]
+
+
+def test_a_forked_child_writes_with_connections_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    home = shipped_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with open_instance(home) as instance:
+        materialize(instance, run_id(1), "00001")  # the parent's engines are open now
+        pid = os.fork()
+        if pid == 0:  # the child: the same instance object, inherited
+            code = 1
+            try:
+                for n in range(2, 12):
+                    materialize(instance, run_id(1), f"{n:05d}")
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent goes on with its own connections, and sees the child's writes.
+        materialize(instance, run_id(1), "00012")
+        for n in range(1, 13):
+            assert records_of(instance, f"{n:05d}") == [n]
+        logs = instance.all_logs(run_id(1), of_type=DagsterEventType.ASSET_MATERIALIZATION)
+        assert len(logs) == 12
+
+
+WRITER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from curator_assets_tests.test_instance_storage import materialize, open_instance, run_id
+from pathlib import Path
+with open_instance(Path(os.environ["DAGSTER_HOME"])) as instance:
+    first = int(sys.argv[2])
+    for n in range(first, first + 150):
+        materialize(instance, run_id(first), f"{n:05d}")
+"""
+
+
+def test_two_processes_write_at_once_and_nothing_is_lost(tmp_path: Path, monkeypatch) -> None:
+    home = shipped_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with open_instance(home):
+        pass  # create the databases before two processes race to
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(first)], env=env,
+                                stderr=subprocess.PIPE, text=True) for first in (1000, 2000)]
+    for proc in writers:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    with open_instance(home) as instance:
+        keys = instance.get_materialized_partitions(ASSET)
+        assert keys == {f"{n:05d}" for first in (1000, 2000) for n in range(first, first + 150)}
+        for first in (1000, 2000):
+            assert len(instance.all_logs(run_id(first), of_type=DagsterEventType.ASSET_MATERIALIZATION)) == 150
+
+
+def test_engines_stay_bounded_over_many_runs(tmp_path: Path, monkeypatch) -> None:
+    home = shipped_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with open_instance(home) as instance:
+        runs = 3 * OPEN_FILES
+        for n in range(runs):
+            materialize(instance, run_id(n), f"{n:05d}")
+        storage = instance.event_log_storage
+        assert len(storage._pool._engines) <= OPEN_FILES
+        # A run whose engine was closed is read (and written) again through a new one.
+        assert len(instance.all_logs(run_id(0), of_type=DagsterEventType.ASSET_MATERIALIZATION)) == 1
+        assert len(instance.get_materialized_partitions(ASSET)) == runs
+
+
+@pytest.mark.parametrize("config", ["storage", "legacy"])
+def test_the_classes_load_from_their_own_config(tmp_path: Path, config: str) -> None:
+    """Each class builds itself (not Dagster's parent class) from the instance's YAML."""
+    home = tmp_path / "home"
+    home.mkdir()
+    module = "curator_assets.instance_storage"
+    if config == "storage":
+        yaml_text = (f"storage:\n  custom:\n    module: {module}\n    class: PooledSqliteStorage\n"
+                     f"    config:\n      base_dir: {home}\n")
+    else:
+        yaml_text = "".join(
+            f"{key}:\n  module: {module}\n  class: {cls}\n  config:\n    base_dir: {home / sub}\n"
+            for key, cls, sub in (("run_storage", "PooledSqliteRunStorage", "history"),
+                                  ("event_log_storage", "PooledSqliteEventLogStorage", "history/runs"),
+                                  ("schedule_storage", "PooledSqliteScheduleStorage", "schedules")))
+    (home / "dagster.yaml").write_text(yaml_text)
+    with open_instance(home) as instance:
+        assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
+        assert isinstance(instance.run_storage, PooledSqliteRunStorage)
+        materialize(instance, run_id(5), "00005")
+        assert records_of(instance, "00005") == [5]
