@@ -31,8 +31,7 @@ Select it in ``dagster.yaml`` (``deploy/local/dagster.yaml`` does)::
       custom:
         module: curator_assets.instance_storage
         class: PooledSqliteStorage
-        config:
-          base_dir: {env: DAGSTER_HOME}
+        # config: {base_dir: ...}  (default: $DAGSTER_HOME, the folder of this dagster.yaml)
 
 Clusters use Postgres (``deploy/cluster/dagster.yaml``), whose storage pools its connections
 already.
@@ -48,6 +47,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as db
 import yaml
+from dagster import DagsterInvariantViolationError, Field
 from dagster._config import StringSource
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
@@ -193,13 +193,18 @@ class PooledSqliteStorage(DagsterSqliteStorage):
 
     @classmethod
     def config_type(cls) -> dict:
-        return {"base_dir": StringSource}
+        return {"base_dir": Field(StringSource, is_required=False,
+                                  description="The instance's folder (default: $DAGSTER_HOME).")}
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict
                           ) -> PooledSqliteStorage:
-        mkdir_p(config_value["base_dir"])
-        return cls(config_value["base_dir"], inst_data=inst_data)
+        base_dir = config_value.get("base_dir") or os.environ.get("DAGSTER_HOME")
+        if not base_dir:
+            raise DagsterInvariantViolationError(
+                "PooledSqliteStorage needs the instance's folder: set DAGSTER_HOME (or the storage's base_dir)")
+        mkdir_p(base_dir)
+        return cls(base_dir, inst_data=inst_data)
 
     @property
     def event_storage_data(self) -> ConfigurableClassData:

@@ -186,3 +186,11 @@ def test_the_classes_load_from_their_own_config(tmp_path: Path, config: str) -> 
         assert isinstance(instance.run_storage, PooledSqliteRunStorage)
         materialize(instance, run_id(5), "00005")
         assert records_of(instance, "00005") == [5]
+
+
+def test_the_shipped_file_without_dagster_home_says_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+    home = shipped_home(tmp_path)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    with pytest.raises(dg.DagsterInvariantViolationError, match="DAGSTER_HOME"):
+        with open_instance(home):
+            pass

@@ -20,6 +20,7 @@ from dagster._core.instance import InstanceRef
 from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
+from curator_assets.decode_worker import GATE_DIR_ENV
 from curator_assets.demo import photo_records, write_shard
 from curator_assets.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG, WarmRunLauncher
 
@@ -161,22 +162,39 @@ def first_batch(daemon: Daemon, instance: dg.DagsterInstance) -> int:
     return servers.pop()
 
 
+def held_decode(daemon: Daemon, instance: dg.DagsterInstance, key: str) -> dg.DagsterRun:
+    """A new shard's run, started and held in its decode by the decoder workers' gate (a test hook:
+    a run of a small shard would otherwise end before a test could act on it)."""
+    gate = daemon.tmp_path / "gate"
+    for leftover in gate.iterdir():
+        leftover.unlink()
+    (gate / "closed").touch()
+    shard(daemon, key, 200, seed=int(key))
+    running = started_run(instance, daemon, key)
+    wait_for(f"the decode of {key} to be held", lambda: any(p.name != "closed" for p in gate.iterdir()), daemon)
+    return running
+
+
+def open_gate(daemon: Daemon) -> None:
+    (daemon.tmp_path / "gate" / "closed").unlink(missing_ok=True)
+
+
 def terminate_and_kill(daemon: Daemon, instance: dg.DagsterInstance, server: int) -> None:
     # Terminate (as the UI does, from another process than the daemon): the run is canceled.
-    shard(daemon, "00004", 200, seed=4)
-    running = started_run(instance, daemon, "00004")
+    running = held_decode(daemon, instance, "00004")
     launcher = instance.run_launcher
     assert launcher.check_run_worker_health(running).status == WorkerStatus.RUNNING
     assert launcher.terminate(running.run_id)
     canceled = finished_run(instance, daemon, "00004")
+    open_gate(daemon)
     assert canceled.status == dg.DagsterRunStatus.CANCELED
     assert assert_forked_warm(instance, canceled) == server
 
     # A worker killed with SIGKILL: its run is failed, and says why.
-    shard(daemon, "00005", 200, seed=5)
-    doomed = started_run(instance, daemon, "00005")
+    doomed = held_decode(daemon, instance, "00005")
     os.kill(int(doomed.tags[WORKER_PID_TAG]), signal.SIGKILL)
     killed = finished_run(instance, daemon, "00005")
+    open_gate(daemon)
     assert killed.status == dg.DagsterRunStatus.FAILURE
     messages = [e.message for e in instance.all_logs(killed.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)]
     assert any("signal 9" in m for m in messages), messages
@@ -190,6 +208,8 @@ def test_sensor_runs_fork_from_the_warm_server(daemon: Daemon, instance: dg.Dags
     shard(daemon, "00003", 2, seed=3)
     assert isinstance(instance.run_launcher, WarmRunLauncher)
     daemon.extra_env["CURATOR_RUN_SLOTS"] = "2"  # two runs at once (the default spreads over one)
+    (daemon.tmp_path / "gate").mkdir()
+    daemon.extra_env[GATE_DIR_ENV] = str(daemon.tmp_path / "gate")  # open unless a test closes it
     daemon.start()
     server = first_batch(daemon, instance)
     terminate_and_kill(daemon, instance, server)

@@ -1,7 +1,8 @@
 """Per-shard assets. Each body resolves the shard, calls the core, and reports metadata."""
 
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
@@ -358,24 +359,30 @@ def _decode_metadata(result, rows, sheet: dict[str, object] | None = None) -> di
     }
 
 
-def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: DecodeOptions) -> str | None:
-    """Decode shard ``key`` and record its materialization; returns why it failed, or None."""
+def _decode_one(context: dg.AssetExecutionContext, dataset, key: str, options: DecodeOptions,
+                sheets: ThreadPoolExecutor) -> tuple[str | None, Callable[[], None] | None]:
+    """Decode shard ``key``: (why it failed, None), or (None, what records its materialization
+    once its contact sheet, drawn by ``sheets`` meanwhile, is ready)."""
     why = _blocked(context, key)
     if why:
         context.log.error(f"shard {key}: {why}")
-        return why
+        return why, None
     try:
         # The process's decoder: its DALI pipelines are built once for every shard of the run.
         result, rows = decode_shard(dataset, key, options, decoder=shared_decoder(options))
     except (DecodeError, TarError, IndexFormatError, StorageError) as exc:
         context.log.error(f"shard {key}: {exc}")
-        return str(exc)
+        return str(exc), None
     notes = list(result.problems) + [f"{record_id}: {error}" for record_id, error in result.errors[:10]]
     if notes:  # one event per shard: every event is a write to the instance
         context.log.warning(f"shard {key}: {result.failed} record(s) not decoded:\n" + "\n".join(notes))
-    metadata = _decode_metadata(result, rows, _contact_sheet(dataset, key, rows))
-    context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=metadata))
-    return None
+    sheet = sheets.submit(_contact_sheet, dataset, key, rows)
+
+    def record() -> None:
+        metadata = _decode_metadata(result, rows, sheet.result())
+        context.log_event(dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=metadata))
+
+    return None, record
 
 
 @dg.asset(
@@ -394,9 +401,22 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
     except ValueError as exc:
         raise dg.Failure(description=f"decoded_images config: {exc}", allow_retries=False) from exc
     dataset = storage.dataset()
-    # Each decoded shard is materialized as soon as it is done (its own partition); the shards
-    # that failed fail the step at the end, so they alone show as failed.
-    failed = {key: why for key in context.partition_keys if (why := _decode_one(context, dataset, key, options))}
+    # Each decoded shard is materialized (its own partition) once its contact sheet is drawn: a
+    # helper thread draws it while the next shard decodes (Pillow lets go of the GIL), instead of
+    # the decoders waiting ~50 ms a shard for it. The shards that failed fail the step at the end,
+    # so they alone show as failed.
+    failed: dict[str, str] = {}
+    pending: Callable[[], None] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="contact-sheet") as sheets:
+        for key in context.partition_keys:
+            why, record = _decode_one(context, dataset, key, options, sheets)
+            if pending is not None:
+                pending()
+            pending = record
+            if why:
+                failed[key] = why
+        if pending is not None:
+            pending()
     context.log.info(f"{len(context.partition_keys) - len(failed)} shard(s) decoded, {len(failed)} failed")
     fail_shards(context, failed, "not decoded")
     yield from ()  # nothing more: every shard's materialization is already recorded
