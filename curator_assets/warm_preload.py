@@ -15,6 +15,7 @@ pool and Arrow's jemalloc background thread; both libraries make themselves fork
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 
@@ -75,6 +76,10 @@ def warm() -> None:
         _import(name)
     _first_arrow_array()
     _resolve_jobs()
+    # What was imported lives as long as every forked run: out of the garbage collector's sight,
+    # a run's collections do not walk it (and do not touch, so copy, the pages it shares with
+    # the server).
+    gc.freeze()
 
 
 warm()
