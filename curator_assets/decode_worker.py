@@ -35,6 +35,7 @@ only ever set by tests; a real DALI segfault or hang is not reproducible on dema
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import signal
@@ -60,7 +61,9 @@ GATE_LIMIT_SECONDS = 240.0  # well inside the parent's wait for an answer
 # machine, tens on a loaded one. This much is allowed on top of the batch timeout.
 STARTUP_SECONDS = 120.0
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where curator_assets is
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+# The collector is off while the worker imports DALI and builds its pipeline (objects that live as
+# long as the worker), then they are frozen out of its sight (see _serve).
+_BOOT = ("import gc, sys; gc.disable(); sys.path.insert(0, sys.argv[1]); "
          "from curator_assets.decode_worker import main; main(int(sys.argv[2]))")
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
@@ -127,6 +130,9 @@ def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
     except Exception as exc:  # noqa: BLE001 - handed to the parent, raised there
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    finally:
+        gc.freeze()
+        gc.enable()
     conn.send(("ready", decoder.builds))
     serial = 0
     inbuf = None

@@ -15,6 +15,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,36 +62,33 @@ def run_pipeline(
     out=None,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
-    _start_decoder()
-    import dagster as dg
+    with _collector_paused():
+        _start_decoder()
+        import dagster as dg
 
-    from curator_assets.definitions import build_definitions
-    from curator_assets.defs.partitions import shards
-    from curator_assets.defs.resources import storage_from_env
-    from curator_assets.storage import StorageError
+        from curator_assets.definitions import build_definitions
+        from curator_assets.defs.partitions import shards
+        from curator_assets.defs.resources import storage_from_env
+        from curator_assets.storage import StorageError
 
-    out = out or sys.stdout
-    # Built with the overrides, never copied: a copied resource keeps the environment's values.
-    storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
-                               extra_options=storage_options)
-    try:
-        listing = storage.dataset().list_shards()
-    except StorageError as exc:
-        print(f"curator-assets: {exc}", file=sys.stderr)
-        return 1
-    for bad_path, why in listing.rejected:
-        print(f"curator-assets: skipping {bad_path}: {why}", file=sys.stderr)
-    if not listing.shards:
-        print(f"curator-assets: {path}: no .tar shards found", file=sys.stderr)
-        return 1
+        out = out or sys.stdout
+        # Built with the overrides, never copied: a copied resource keeps the environment's values.
+        storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
+                                   extra_options=storage_options)
+        try:
+            listing = storage.dataset().list_shards()
+        except StorageError as exc:
+            print(f"curator-assets: {exc}", file=sys.stderr)
+            return 1
+        for bad_path, why in listing.rejected:
+            print(f"curator-assets: skipping {bad_path}: {why}", file=sys.stderr)
+        if not listing.shards:
+            print(f"curator-assets: {path}: no .tar shards found", file=sys.stderr)
+            return 1
 
-    defs = build_definitions(storage)
-    job = defs.resolve_job_def("shard_pipeline")
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    # Dagster, its job and the instance are ~240,000 objects that live as long as the process:
-    # out of the garbage collector's sight, its collections during the run (~740 of them) cost
-    # 0.2-0.3 s less (benchmarks/bench_pipeline.py's `run`).
-    gc.freeze()
+        defs = build_definitions(storage)
+        job = defs.resolve_job_def("shard_pipeline")
+        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     _recover_dead_runs(instance, out)
     keys = [s.key for s in listing.shards]
     existing = list(instance.get_dynamic_partitions(shards.name))
@@ -111,6 +110,22 @@ def run_pipeline(
         )
         print(_where(storage.dataset()), file=out)
     return 1 if failed or listing.rejected or not dataset_line else 0
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Importing Dagster and making its instance allocate ~240,000 objects that live as long as
+    the process: the garbage collector has nothing to free among them but would walk them
+    hundreds of times (0.3-0.5 s of the one core that runs the pipeline, measured with
+    benchmarks/bench_pipeline.py's `run`). Off while they are made, then frozen out of its sight."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _start_decoder() -> None:
