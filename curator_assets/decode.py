@@ -803,6 +803,12 @@ def _dali():
     return fn, pipeline_def, types
 
 
+def import_dali() -> None:
+    """Import what building a decoder needs of DALI (no pipeline, no thread, no CUDA call)."""
+    _dali()
+    _tensor_list_cpu()
+
+
 def _tensor_list_cpu():
     from nvidia.dali.tensors import TensorListCPU
 

@@ -6,9 +6,14 @@ SIGBUS), which no ``try`` catches. :class:`ContainedDecoder` has the interface o
 child process (DALI is imported and built only there; a fork of a process that holds DALI's
 threads or a CUDA context is unsafe):
 
-* the worker is a fresh interpreter (``subprocess`` with a socket pair), never a fork and never
-  a re-import of the caller's main module (which ``multiprocessing``'s spawn would do, and fail
-  on a script without a ``__main__`` guard);
+* the worker is never a fork of the caller and never a re-import of the caller's main module
+  (which ``multiprocessing``'s spawn would do, and fail on a script without a ``__main__``
+  guard): the caller starts one fresh interpreter per process, the *zygote* (``subprocess`` with
+  a socket pair), which imports DALI once, starts no thread and touches no CUDA device, and
+  forks each worker the caller asks for, handing it its end of a new socket pair (passed over
+  the zygote's socket); the zygote reports each worker's pid and exit code back. A worker then
+  costs a fork and its own pipeline build, not an interpreter importing DALI (~1.3 s of CPU
+  each: two workers competed with the caller for the cores as a run started);
 * a batch's encoded bytes go to the worker through a shared-memory buffer of the parent's (one
   copy in, a few MB; the DALI input is built from it without another), the pipe carrying only
   their lengths: sending them through the socket cost ~5% more CPU per image (measured);
@@ -47,6 +52,7 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
@@ -61,10 +67,13 @@ GATE_LIMIT_SECONDS = 240.0  # well inside the parent's wait for an answer
 # machine, tens on a loaded one. This much is allowed on top of the batch timeout.
 STARTUP_SECONDS = 120.0
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where curator_assets is
-# The collector is off while the worker imports DALI and builds its pipeline (objects that live as
-# long as the worker), then they are frozen out of its sight (see _serve).
+# The zygote's start: the collector off while it imports DALI (objects that live as long as it and
+# its workers), then frozen out of its sight; a worker turns it on again once its pipeline is built.
 _BOOT = ("import gc, sys; gc.disable(); sys.path.insert(0, sys.argv[1]); "
-         "from curator_assets.decode_worker import main; main(int(sys.argv[2]))")
+         "from curator_assets.decode_worker import zygote; zygote(int(sys.argv[2]))")
+HOOKS = (CRASH_MARKER_ENV, HANG_MARKER_ENV, GATE_DIR_ENV)
+_CALLER: int | None = None  # in a worker: the process it decodes for (its parent is the zygote)
+REAP_SECONDS = 0.05  # how often the zygote looks for workers that exited
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
@@ -106,6 +115,64 @@ def crash_reason(signum: int | None, exitcode: int | None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The worker process
+
+
+def zygote(fd: int) -> None:
+    """The zygote's entry point (a fresh interpreter, started by :func:`_zygote`): import DALI
+    once, then fork a worker for each request on ``fd`` and report each worker's pid and, when it
+    ends, its exit code (negative: the signal). Importing DALI starts no thread and touches no
+    CUDA device, so a fork of this process is safe; each worker then builds its own pipeline.
+    Ends when the caller goes (its workers exit as their own pipes close)."""
+    from curator_assets.decode import import_dali
+
+    conn = Connection(fd)
+    caller = os.getppid()
+    import_dali()
+    gc.freeze()
+    children: set[int] = set()
+    try:
+        while True:
+            if conn.poll(REAP_SECONDS):
+                hooks = conn.recv()
+                children.add(_fork_worker(conn, recv_handle(conn), hooks, caller))
+            _report_exits(conn, children)
+    except (EOFError, OSError):
+        return
+
+
+def _fork_worker(conn: Connection, fd: int, hooks: tuple, caller: int) -> int:
+    """Fork a worker serving ``fd``, with the caller's test hooks; its pid (sent to the caller)."""
+    global _CALLER
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            conn.close()
+            _CALLER = caller
+            for name, value in zip(HOOKS, hooks, strict=True):
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            main(fd)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(fd)
+    conn.send(("pid", pid))
+    return pid
+
+
+def _report_exits(conn: Connection, children: set[int]) -> None:
+    for pid in list(children):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            children.discard(pid)
+            conn.send(("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
+def _caller_pid() -> int:
+    return _CALLER if _CALLER is not None else os.getppid()
 
 
 def main(fd: int) -> None:
@@ -160,7 +227,7 @@ def _hold_at_gate(gate: str) -> None:
     closed = os.path.join(gate, "closed")
     if not os.path.exists(closed):
         return
-    with open(os.path.join(gate, f"{os.getppid()}-{os.getpid()}"), "w"):
+    with open(os.path.join(gate, f"{_caller_pid()}-{os.getpid()}"), "w"):
         pass
     deadline = time.monotonic() + GATE_LIMIT_SECONDS
     while os.path.exists(closed) and time.monotonic() < deadline:
@@ -204,7 +271,7 @@ def _decode_reply(decoder: ImageDecoder, arrays: list[np.ndarray], want_pixels: 
 def _write_pixels(out, shapes: list[tuple[int, ...]], serial: int) -> str:
     """Copy every image of ``out`` into one new shared-memory file; its name."""
     sizes = [int(np.prod(s)) for s in shapes]
-    name = f"curator-decode-{os.getppid()}-{os.getpid()}-{serial}"  # the parent removes a dead worker's
+    name = f"curator-decode-{_caller_pid()}-{os.getpid()}-{serial}"  # the parent removes a dead worker's
     fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, max(1, sum(sizes)))
@@ -451,18 +518,130 @@ def release(worker: ContainedDecoder) -> None:
         old.close()
 
 
-def _start_worker() -> tuple[subprocess.Popen, Connection]:
-    """A fresh interpreter running :func:`main`, and the parent's end of its socket pair."""
-    ours, theirs = socket.socketpair()
-    try:
-        process = subprocess.Popen([sys.executable, "-c", _BOOT, _ROOT, str(theirs.fileno())],
-                                   pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-    finally:
-        theirs.close()
-    return process, Connection(ours.detach())
+class _Zygote:
+    """The caller's side of its zygote: requests forks, and learns the workers' pids and exit
+    codes from a reader thread."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", _BOOT, _ROOT, str(theirs.fileno())],
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.owner = os.getpid()
+        self._conn = Connection(ours.detach())
+        self._send = threading.Lock()
+        self._changed = threading.Condition()
+        self._pids: list[int] = []  # pids in the order of the requests, taken by fork()
+        self._exits: dict[int, int] = {}
+        self.gone = False
+        threading.Thread(target=self._read, daemon=True, name="decode-zygote").start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, pid, *code = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._changed:
+                if kind == "pid":
+                    self._pids.append(pid)
+                else:
+                    self._exits[pid] = code[0]
+                self._changed.notify_all()
+        with self._changed:
+            self.gone = True
+            self._changed.notify_all()
+
+    def fork(self, fd: int, hooks: tuple) -> ForkedWorker:
+        with self._send:
+            self._conn.send(hooks)
+            send_handle(self._conn, fd, self.process.pid)
+            with self._changed:
+                # The zygote imports DALI before it answers its first request.
+                if not self._changed.wait_for(lambda: self._pids or self.gone, STARTUP_SECONDS):
+                    raise OSError("the decoder zygote did not answer")
+                if not self._pids:
+                    raise OSError("the decoder zygote is gone")
+                return ForkedWorker(self, self._pids.pop(0))
+
+    def exit_code(self, pid: int, timeout: float | None) -> int | None:
+        """``pid``'s exit code once it has ended (None: still running after ``timeout``). A worker
+        of a zygote that died is followed through /proc; its code is then unknown (255)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while pid not in self._exits:
+                if self.gone and not os.path.exists(f"/proc/{pid}"):
+                    return 255
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._changed.wait(min(left, 0.2) if left is not None else 0.2)
+            return self._exits[pid]
 
 
-def _stop(process: subprocess.Popen) -> None:
+class ForkedWorker:
+    """A decode worker forked by the zygote, with what the supervisor uses of
+    :class:`subprocess.Popen` (``pid``, ``poll``, ``wait``, ``kill``, ``returncode``)."""
+
+    def __init__(self, zygote: _Zygote, pid: int) -> None:
+        self._zygote = zygote
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._zygote.exit_code(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._zygote.exit_code(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(f"decode worker {self.pid}", timeout or 0)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+_ZYGOTE: _Zygote | None = None
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _zygote() -> _Zygote:
+    """This process's zygote, started on first use (and again if it has died): one import of DALI
+    for all the workers it forks, where each worker used to import it (~1.3 s of CPU each)."""
+    global _ZYGOTE
+    with _ZYGOTE_LOCK:
+        z = _ZYGOTE
+        if z is None or z.owner != os.getpid() or z.gone or z.process.poll() is not None:
+            _ZYGOTE = z = _Zygote()
+        return z
+
+
+def _start_worker() -> tuple[ForkedWorker, Connection]:
+    """A worker forked by this process's zygote, and the parent's end of its socket pair."""
+    hooks = tuple(os.environ.get(name) for name in HOOKS)  # as they are now, not as the zygote began
+    for attempt in (1, 2):
+        ours, theirs = socket.socketpair()
+        try:
+            return _zygote().fork(theirs.fileno(), hooks), Connection(ours.detach())
+        except (EOFError, OSError):
+            ours.close()
+            if attempt == 2:
+                raise
+        finally:
+            theirs.close()
+    raise AssertionError("unreachable")
+
+
+def _stop(process: ForkedWorker) -> None:
     """Kill a worker that does not answer and reap it."""
     process.kill()
     process.wait()
