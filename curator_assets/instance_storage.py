@@ -110,46 +110,36 @@ def _transaction(engine: db.engine.Engine) -> Iterator[db.engine.Connection]:
         yield conn
 
 
-class PooledSqliteRunStorage(SqliteRunStorage):
+class _OneKeptEngine:
+    """``connect`` through one kept-open engine: the part the pooled run and schedule storages
+    share (each is Dagster's class with this mixed in first; one database file each)."""
+
+    _conn_string: str
+
+    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
+        super().__init__(conn_string, inst_data)  # type: ignore[call-arg]
+        self._pool = EnginePool(most=1)
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict):
+        return cls.from_local(inst_data=inst_data, **config_value)  # type: ignore[attr-defined]  # builds ``cls``
+
+    @contextmanager
+    def connect(self) -> Iterator[db.engine.Connection]:
+        with _transaction(self._pool.engine(self._conn_string)) as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self._pool.dispose()
+        super().dispose()  # type: ignore[misc]
+
+
+class PooledSqliteRunStorage(_OneKeptEngine, SqliteRunStorage):
     """Dagster's SQLite run storage (``runs.db``) with a kept-open engine."""
 
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        super().__init__(conn_string, inst_data)
-        self._pool = EnginePool(most=1)
 
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict):
-        return cls.from_local(inst_data=inst_data, **config_value)  # Dagster's from_local builds ``cls``
-
-    @contextmanager
-    def connect(self) -> Iterator[db.engine.Connection]:
-        with _transaction(self._pool.engine(self._conn_string)) as conn:
-            yield conn
-
-    def dispose(self) -> None:
-        self._pool.dispose()
-        super().dispose()
-
-
-class PooledSqliteScheduleStorage(SqliteScheduleStorage):
+class PooledSqliteScheduleStorage(_OneKeptEngine, SqliteScheduleStorage):
     """Dagster's SQLite schedule storage (sensor and schedule ticks) with a kept-open engine."""
-
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        super().__init__(conn_string, inst_data)
-        self._pool = EnginePool(most=1)
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict):
-        return cls.from_local(inst_data=inst_data, **config_value)  # Dagster's from_local builds ``cls``
-
-    @contextmanager
-    def connect(self) -> Iterator[db.engine.Connection]:
-        with _transaction(self._pool.engine(self._conn_string)) as conn:
-            yield conn
-
-    def dispose(self) -> None:
-        self._pool.dispose()
-        super().dispose()
 
 
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
