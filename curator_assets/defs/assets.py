@@ -406,17 +406,19 @@ def decoded_images(context: dg.AssetExecutionContext, config: DecodedImagesConfi
     # the decoders waiting ~50 ms a shard for it. The shards that failed fail the step at the end,
     # so they alone show as failed.
     failed: dict[str, str] = {}
-    pending: Callable[[], None] | None = None
+    pending: list[Callable[[], None]] = []  # the last decoded shard's materialization, to record
     with ThreadPoolExecutor(1, thread_name_prefix="contact-sheet") as sheets:
-        for key in context.partition_keys:
-            why, record = _decode_one(context, dataset, key, options, sheets)
-            if pending is not None:
-                pending()
-            pending = record
-            if why:
-                failed[key] = why
-        if pending is not None:
-            pending()
+        try:
+            for key in context.partition_keys:
+                why, record = _decode_one(context, dataset, key, options, sheets)
+                while pending:
+                    pending.pop()()
+                pending += [record] if record else []
+                if why:
+                    failed[key] = why
+        finally:  # also when a shard raises: the shard decoded before it stays recorded
+            while pending:
+                pending.pop()()
     context.log.info(f"{len(context.partition_keys) - len(failed)} shard(s) decoded, {len(failed)} failed")
     fail_shards(context, failed, "not decoded")
     yield from ()  # nothing more: every shard's materialization is already recorded
