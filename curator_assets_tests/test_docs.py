@@ -5,6 +5,7 @@ compiles, and the README stays a newcomer's page."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import shutil
@@ -52,6 +53,13 @@ def test_the_pages_have_commands_to_check() -> None:
     assert any(a[:2] == ["bash", "scripts/test.sh"] for _, a in ALL)
 
 
+@functools.cache
+def _help(exe: str, sub: tuple[str, ...]) -> tuple[int, str]:
+    """``exe SUB --help`` once per test process (each start imports Dagster: seconds of CPU)."""
+    done = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return done.returncode, done.stderr
+
+
 @pytest.mark.parametrize(("page", "argv"), ALL, ids=[f"{p.name}:{' '.join(a)[:60]}" for p, a in ALL])
 def test_every_command_parses(page: Path, argv: list[str], tmp_path: Path) -> None:
     tool = argv[0]
@@ -61,9 +69,9 @@ def test_every_command_parses(page: Path, argv: list[str], tmp_path: Path) -> No
     elif tool in DAGSTER_TOOLS:
         exe = BIN / tool
         assert exe.exists(), f"{page.name}: {tool} is not installed by the project's dependencies"
-        sub = [a for a in argv[1:2] if not a.startswith("-")]
-        done = subprocess.run([str(exe), *sub, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
-        assert done.returncode == 0, f"{page.name}: `{' '.join(argv)}`: {done.stderr[-500:]}"
+        sub = tuple(a for a in argv[1:2] if not a.startswith("-"))
+        returncode, stderr = _help(str(exe), sub)
+        assert returncode == 0, f"{page.name}: `{' '.join(argv)}`: {stderr[-500:]}"
     elif tool == "bash":
         script = REPO / argv[1]
         assert script.is_file(), f"{page.name}: no {argv[1]}"

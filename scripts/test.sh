@@ -74,11 +74,12 @@ fi
 say "ruff check ."
 .venv/bin/ruff check .
 
+# Most of the suite waits on servers, daemons and subprocesses: three processes, each taking whole
+# test files (module-scoped fixtures stay shared), finish it in about half the time on two cores.
 if [ ${#args[@]} -eq 0 ]; then
+  args=(-n 3 --dist loadfile)
   if [ "$fast" = 1 ]; then
-    args=(-m "not slow")
-  else
-    args=()
+    args+=(-m "not slow")
   fi
 fi
 say "pytest ${args[*]}"
