@@ -18,7 +18,7 @@ Contenders, all on the same shard (real-photo JPEGs, quality 75-95, with caption
 * ``webdataset + Pillow``: the webdataset library reading the tar, Pillow decoding, one process.
 * ``containment off`` / ``containment on``: :func:`decode_shard` through one decoder built before
   the timed runs, DALI in this process or in supervised worker processes
-  (:mod:`curator_assets.decode_worker`): the steady-state cost of crash containment on a clean
+  (:mod:`curator_assets.steps.decode.worker`): the steady-state cost of crash containment on a clean
   shard. The one-off cost of starting the workers is printed beside the table. The other
   ``ours`` rows build their decoder in each timed run, in process (as before containment).
 
@@ -54,9 +54,9 @@ sys.path.insert(0, str(HERE.parent))
 
 def photo_shard(records: int = 2000, size: tuple[int, int] = (500, 375)) -> Path:
     """The cached benchmark shard (built once), with its .idx."""
-    from curator_assets.demo import photo_records, write_shard
-    from curator_assets.index import ensure_index
-    from curator_assets.storage import Dataset
+    from curator_assets.cli.demo import photo_records, write_shard
+    from curator_assets.steps.index import ensure_index
+    from curator_assets.store.dataset import Dataset
 
     folder = DATA / f"photos-{records}-{size[0]}x{size[1]}"
     path = folder / "00000.tar"
@@ -70,9 +70,9 @@ def photo_shard(records: int = 2000, size: tuple[int, int] = (500, 375)) -> Path
 def big_shard(target_bytes: int = 2 << 30) -> Path:
     """A ~2 GB shard: 2,000 distinct photos repeated under new keys (decoding cost is per image,
     so repeats measure memory just as well; building 60,000 distinct crops takes many minutes)."""
-    from curator_assets.demo import photo_records
-    from curator_assets.index import ensure_index
-    from curator_assets.storage import Dataset
+    from curator_assets.cli.demo import photo_records
+    from curator_assets.steps.index import ensure_index
+    from curator_assets.store.dataset import Dataset
 
     folder = DATA / "big-2g"
     path = folder / "00000.tar"
@@ -156,7 +156,7 @@ def run_dali_alone(jpegs: list[bytes], threads: int, batch_size: int = 64, pipel
 def run_ours(path: Path, output: str, batch_size: int | None, reader: str = "auto", device: str = "auto",
              url: str | None = None, fast_idct: bool = False) -> int:
     from curator_assets.decode import DecodeOptions, decode_shard
-    from curator_assets.storage import Dataset
+    from curator_assets.store.dataset import Dataset
 
     ds = Dataset(url or str(path.parent), output_url=output)
     options = DecodeOptions(batch_size=batch_size, reader=reader, device=device, fast_idct=fast_idct,
@@ -169,7 +169,7 @@ def run_ours(path: Path, output: str, batch_size: int | None, reader: str = "aut
 def run_contained(path: Path, output: str, batch_size: int | None, device: str, contain: bool):
     """decode_shard through one decoder (built now, outside the timed runs), contained or not."""
     from curator_assets.decode import DecodeOptions, ShardDecoder, decode_shard
-    from curator_assets.storage import Dataset
+    from curator_assets.store.dataset import Dataset
 
     t = time.perf_counter()
     decoder = ShardDecoder(DecodeOptions(batch_size=batch_size, device=device, contain_crashes=contain))
@@ -248,7 +248,7 @@ MEMORY_CODE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 from curator_assets.decode import DecodeOptions, decode_shard, iter_batches
-from curator_assets.storage import Dataset
+from curator_assets.store.dataset import Dataset
 mode = {mode!r}
 t = time.perf_counter()
 if mode == "manifest":
@@ -361,7 +361,7 @@ def cpu_seconds() -> float:
 
 def worker(args, name: str) -> int:
     """One contender: warm up once, then one timed run per line read from stdin."""
-    from curator_assets.decode import available_cores
+    from curator_assets.steps.decode.shard import available_cores
 
     with tempfile.TemporaryDirectory() as tmp:
         if name == "ours: fsspec ranged reads":
@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args, args.worker)
 
-    from curator_assets.decode import DecodeOptions, available_cores, resolve_device
+    from curator_assets.decode import DecodeOptions
+    from curator_assets.steps.decode.shard import available_cores, resolve_device
 
     bs = args.batch_size
     cores = available_cores()

@@ -21,9 +21,9 @@ import time
 
 from common import machine
 
-from curator_assets.manifest import ManifestRow, manifest_table, write_manifest
-from curator_assets.storage import Dataset
-from curator_assets.summary import failures_picture, size_picture, summarize_decode
+from curator_assets.formats.manifest import ManifestRow, manifest_table, write_manifest
+from curator_assets.steps.summary import failures_picture, size_picture, summarize_decode
+from curator_assets.store.dataset import Dataset
 
 
 def _rss_mib() -> float:

@@ -23,9 +23,9 @@ import time
 
 from common import machine, photo_dataset
 
-from curator_assets.index import ensure_index
-from curator_assets.storage import Dataset
-from curator_assets.validation import validate_file, validate_shard
+from curator_assets.steps.index import ensure_index
+from curator_assets.steps.validate import validate_file, validate_shard
+from curator_assets.store.dataset import Dataset
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def photo_dataset(name: str, shards: int, records: int, size=(500, 375), quality=(75, 95)) -> Path:
     """A folder of ``shards`` shards of ``records`` real-photo records each, built once and cached."""
-    from curator_assets.demo import photo_records, write_shard
+    from curator_assets.cli.demo import photo_records, write_shard
 
     folder = DATA / name
     marker = folder / ".complete"

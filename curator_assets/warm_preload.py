@@ -33,8 +33,8 @@ MODULES = (
     "dagster._utils.hosted_user_process",
     "pyarrow.parquet",
     "PIL.Image",
-    "curator_assets.decode",
-    "curator_assets.decode_worker",
+    "curator_assets.steps.decode.shard",
+    "curator_assets.steps.decode.worker",
     "curator_assets.launcher",
     "nvidia.dali",
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from curator_assets.demo import PhotoRecord, photo_records, write_shard
+from curator_assets.cli.demo import PhotoRecord, photo_records, write_shard
 
 pytest_plugins = ["curator_assets_tests.emulators"]
 

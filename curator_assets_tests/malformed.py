@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curator_assets.demo import PhotoRecord
+from curator_assets.cli.demo import PhotoRecord
 
 SHARD = "00000"
 MTIME = 1_700_000_000

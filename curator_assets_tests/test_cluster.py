@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curator_assets.demo import PhotoRecord, photo_records, write_shard
+from curator_assets.cli.demo import PhotoRecord, photo_records, write_shard
 from curator_assets_tests.cluster_services import postgres_server, redis_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from curator_assets.defs.assets import shard_index
 from curator_assets.defs.partitions import shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.defs.sensors import decode_cursor, shard_sensor
-from curator_assets.index import parse_index
+from curator_assets.steps.index import parse_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def test_run_command_runs_every_shard_through_dagster(tmp_path: Path, make_shard
     import io
     import json
 
-    from curator_assets.runner import run_pipeline
+    from curator_assets.cli.runner import run_pipeline
 
     make_shard("00000.tar", n=3)
     good = make_shard("00001.tar", n=4)
@@ -237,9 +237,10 @@ def test_sensor_batches_new_shards_into_ranged_runs_each_shard_its_own_partition
     """Five new shards over two run slots: two runs (3 + 2 shards), each a range of consecutive
     partitions; running them gives every shard its own materializations and check results, and
     the decode step of a run builds its DALI pipelines once for all its shards."""
-    from curator_assets.decode import DecodeOptions, shared_decoder
+    from curator_assets.decode import DecodeOptions
     from curator_assets.definitions import build_definitions
     from curator_assets.defs import partitions
+    from curator_assets.steps.decode.shard import shared_decoder
 
     monkeypatch.setenv("CURATOR_RUN_SLOTS", "2")
     names = [f"{i:05d}" for i in range(5)]

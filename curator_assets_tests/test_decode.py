@@ -20,22 +20,18 @@ import pytest
 from PIL import Image, ImageOps
 
 from curator_assets import cli
-from curator_assets.decode import (
-    DecodeOptions,
+from curator_assets.cli.demo import PhotoRecord, write_shard
+from curator_assets.decode import DecodeOptions, ShardDecoder, StaleIndexError, decode_shard, iter_batches
+from curator_assets.formats.manifest import read_manifest
+from curator_assets.steps.decode.shard import (
     DeviceUnavailableError,
-    ShardDecoder,
-    StaleIndexError,
     cuda_device_count,
-    decode_shard,
-    iter_batches,
     plan_shard,
     resolve_device,
     sniff_image,
 )
-from curator_assets.demo import PhotoRecord, write_shard
-from curator_assets.index import ensure_index
-from curator_assets.manifest import read_manifest
-from curator_assets.storage import Dataset
+from curator_assets.steps.index import ensure_index
+from curator_assets.store.dataset import Dataset
 from curator_assets_tests.conftest import write_members
 
 CPU = DecodeOptions(device="cpu", batch_size=4)
@@ -474,7 +470,7 @@ def test_device_count_and_dali_version_agree_with_dali_itself() -> None:
     """The device count (asked of libcuda) and the manifest's DALI version (from the package
     metadata) are what DALI says, though the process that reads them never imports DALI."""
     script = ("import sys, os\n"
-              "from curator_assets.decode import cuda_device_count, dali_version\n"
+              "from curator_assets.steps.decode.shard import cuda_device_count, dali_version\n"
               "ours = (cuda_device_count(), dali_version())\n"
               "assert 'nvidia.dali' not in sys.modules, 'DALI was imported'\n"
               "import nvidia.dali\n"

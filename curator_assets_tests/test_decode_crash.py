@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from curator_assets import cli
+from curator_assets.cli.demo import build_demo, write_shard
 from curator_assets.decode import DecodeOptions, ShardDecoder, decode_shard, iter_batches
-from curator_assets.decode_worker import CRASH_MARKER_ENV, HANG_MARKER_ENV, SHM_DIR, crash_reason, hang_reason
-from curator_assets.demo import build_demo, write_shard
-from curator_assets.manifest import read_manifest
-from curator_assets.storage import Dataset
+from curator_assets.formats.manifest import read_manifest
+from curator_assets.steps.decode.worker import CRASH_MARKER_ENV, HANG_MARKER_ENV, SHM_DIR, crash_reason, hang_reason
+from curator_assets.store.dataset import Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = b"curator-test-crash-here"
@@ -154,7 +154,7 @@ def swap_blocks(path: Path) -> None:
 SWAPPED_RUNS = """
 import json, sys
 from curator_assets.decode import DecodeOptions, ShardDecoder, decode_shard
-from curator_assets.storage import Dataset
+from curator_assets.store.dataset import Dataset
 decoder = ShardDecoder(DecodeOptions(device="cpu"))  # contained: the default
 for _ in range(int(sys.argv[2])):
     result, rows = decode_shard(Dataset(sys.argv[1]), "00000", decoder=decoder, write=False)

@@ -12,11 +12,11 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from curator_assets.decode import resolve_device
 from curator_assets.definitions import build_definitions
 from curator_assets.defs.assets import decoded_images, shard_index, shard_validation
 from curator_assets.defs.partitions import shards
 from curator_assets.defs.resources import ShardStorage
+from curator_assets.steps.decode.shard import resolve_device
 from curator_assets_tests.conftest import write_members
 
 
@@ -105,8 +105,9 @@ def test_a_run_starts_its_decoder_while_it_indexes(tmp_path, photos, instance):
     """A run that decodes later in its process builds its decoder from its first step on (in a
     background thread), with the decode step's options, and the decode step uses that one: one
     decoder more in the process, not two. A run without the decode step starts none."""
-    from curator_assets.decode import DecodeOptions, shared_decoder, shared_decoder_wanted, shared_decoders_built
+    from curator_assets.decode import DecodeOptions
     from curator_assets.defs.assets import DecodedImagesConfig, decode_options
+    from curator_assets.steps.decode.shard import shared_decoder, shared_decoder_wanted, shared_decoders_built
 
     assert decode_options(DecodedImagesConfig()) == DecodeOptions()  # what `curator-assets run` starts early
     folder = tmp_path / "ds"
@@ -140,7 +141,8 @@ def test_a_run_starts_its_decoder_while_it_indexes(tmp_path, photos, instance):
 INDEX_ONLY = """
 import sys
 import dagster as dg
-from curator_assets.decode import DecodeOptions, shared_decoder_wanted
+from curator_assets.decode import DecodeOptions
+from curator_assets.steps.decode.shard import shared_decoder_wanted
 from curator_assets.definitions import build_definitions
 from curator_assets.defs.assets import shard_index
 from curator_assets.defs.partitions import shards

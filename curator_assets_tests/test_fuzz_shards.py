@@ -34,10 +34,10 @@ from pathlib import Path
 import pytest
 
 from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
-from curator_assets.index import IndexFormatError, ensure_index, parse_index
-from curator_assets.storage import Dataset, StorageError
-from curator_assets.tar_members import TarError, split_key
-from curator_assets.validation import CODES, validate_shard
+from curator_assets.formats.tar_members import TarError, split_key
+from curator_assets.steps.index import IndexFormatError, ensure_index, parse_index
+from curator_assets.steps.validate import CODES, validate_shard
+from curator_assets.store.dataset import Dataset, StorageError
 from curator_assets_tests.test_realworld_tars import tarfile_tar, webdataset_tar
 
 SEED = int(os.environ.get("CURATOR_FUZZ_SEED", "20261201"))

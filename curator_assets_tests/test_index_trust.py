@@ -18,11 +18,11 @@ import webdataset as wds
 
 from curator_assets import cli
 from curator_assets.decode import DecodeOptions, ShardDecoder, StaleIndexError, decode_shard
-from curator_assets.index import ensure_index
-from curator_assets.manifest import read_manifest
-from curator_assets.storage import Dataset
-from curator_assets.tar_members import TarError
-from curator_assets.validation import validate_shard
+from curator_assets.formats.manifest import read_manifest
+from curator_assets.formats.tar_members import TarError
+from curator_assets.steps.index import ensure_index
+from curator_assets.steps.validate import validate_shard
+from curator_assets.store.dataset import Dataset
 from curator_assets_tests.test_index import wds2idx
 from curator_assets_tests.test_realworld_tars import tarfile_tar, wds_samples, webdataset_shards
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from curator_assets.demo import photo_records, write_shard
+from curator_assets.cli.demo import photo_records, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from curator_assets.cli.demo import write_shard
 from curator_assets.decode import DecodeOptions, decode_shard
-from curator_assets.demo import write_shard
-from curator_assets.index import ensure_index
-from curator_assets.manifest import (
+from curator_assets.formats.manifest import (
     COLUMNS,
     SCHEMA,
     ManifestRow,
@@ -27,7 +26,8 @@ from curator_assets.manifest import (
     read_manifest,
     write_manifest,
 )
-from curator_assets.storage import Dataset
+from curator_assets.steps.index import ensure_index
+from curator_assets.store.dataset import Dataset
 from curator_assets_tests.conftest import write_members
 
 REQUIRED = ["record_id", "shard", "member", "offset", "size", "width", "height", "channels", "decoded", "error",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from curator_assets.parallel import ordered_map
+from curator_assets.cli.parallel import ordered_map
 
 
 def _row(i: int) -> dict:

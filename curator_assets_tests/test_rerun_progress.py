@@ -12,9 +12,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from curator_assets.demo import photo_records, write_shard
-from curator_assets.progress import Bar, Quiet, progress
-from curator_assets.runner import rerun_failed, run_pipeline
+from curator_assets.cli.demo import photo_records, write_shard
+from curator_assets.cli.progress import Bar, Quiet, progress
+from curator_assets.cli.runner import rerun_failed, run_pipeline
 from curator_assets_tests.conftest import write_members
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from curator_assets.index import ensure_index, parse_index
-from curator_assets.storage import (
+from curator_assets.steps.index import ensure_index, parse_index
+from curator_assets.store.dataset import (
     STALE_TEMP_S,
     Dataset,
     StorageError,
@@ -101,7 +101,7 @@ def test_index_reuse_and_refresh(tmp_path: Path, make_shard, photos) -> None:
                                                    "index_fingerprint": second.index_fingerprint})
     assert third.reused
     # Rewrite the shard with a different record count: the index is stale and rebuilt.
-    from curator_assets.demo import write_shard
+    from curator_assets.cli.demo import write_shard
 
     write_shard(path, photos[:7])
     later = time.time() + 10
@@ -119,7 +119,7 @@ def test_stale_index_newer_than_tar_is_caught_by_spot_check(tmp_path: Path, make
     ensure_index(ds_b, "b")
     # Give shard a the index of another shard (newer than a): must not be reused.
     b.with_suffix(".idx").replace(a.with_suffix(".idx"))
-    from curator_assets.demo import write_shard
+    from curator_assets.cli.demo import write_shard
 
     write_shard(a, photos[10:15])
     old = time.time() - 100
@@ -156,7 +156,7 @@ def test_unwritable_index_location(tmp_path: Path, make_shard) -> None:
 def test_modified_time_in_every_form_a_store_reports() -> None:
     import datetime
 
-    from curator_assets.storage import modified_at
+    from curator_assets.store.dataset import modified_at
 
     when = datetime.datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=datetime.UTC)
     assert modified_at({"mtime": when.timestamp()}) == when.timestamp()  # local disk
@@ -186,7 +186,7 @@ def test_longest_legal_shard_name_is_indexed_and_reported(tmp_path: Path, make_s
 
 _HANG_IN_WRITE = """
 import os, sys, time
-from curator_assets import storage
+from curator_assets.store import dataset as storage
 
 def hang(fd):  # inside the write window: temp file written, not yet renamed
     print("in-window", flush=True)
@@ -198,7 +198,7 @@ storage.write_atomic(storage.LocalFS(), sys.argv[1], b"partial " * 1000)
 
 _WRITE = """
 import sys
-from curator_assets import storage
+from curator_assets.store import dataset as storage
 storage.write_atomic(storage.LocalFS(), sys.argv[1], b"next write")
 """
 

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from curator_assets.decode import DecodeOptions, ShardDecoder, decode_shard
-from curator_assets.manifest import ManifestRow, manifest_table, write_manifest
-from curator_assets.storage import Dataset, counting_reads
-from curator_assets.summary import (
+from curator_assets.formats.manifest import ManifestRow, manifest_table, write_manifest
+from curator_assets.steps.summary import (
     MAX_PICTURE_BYTES,
     SUMMARY_COLUMNS,
     contact_sheet,
@@ -27,6 +26,7 @@ from curator_assets.summary import (
     size_picture,
     summarize_decode,
 )
+from curator_assets.store.dataset import Dataset, counting_reads
 from curator_assets_tests.conftest import write_members
 
 BAD = b"\xff\xd8\xff\xdb not a JPEG at all"

@@ -10,14 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from curator_assets.tar_members import (
-    TarError,
-    group_records,
-    read_members,
-    scan_members,
-    scan_tar,
-    split_key,
-)
+from curator_assets.formats.tar_members import TarError, group_records, read_members, scan_members, scan_tar, split_key
 from curator_assets_tests.conftest import add_member, write_members
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}

@@ -16,9 +16,8 @@ import pytest
 from PIL import Image
 
 from curator_assets.cli import main
-from curator_assets.sniff import jpeg_header
-from curator_assets.storage import Dataset
-from curator_assets.validation import (
+from curator_assets.formats.sniff import jpeg_header
+from curator_assets.steps.validate import (
     CODES,
     DEFAULT_SEVERITIES,
     ERROR,
@@ -34,6 +33,7 @@ from curator_assets.validation import (
     write_report,
     write_summary,
 )
+from curator_assets.store.dataset import Dataset
 from curator_assets_tests import malformed
 
 DEFAULT_PIXELS = 100_000_000

@@ -20,9 +20,9 @@ from dagster._core.instance import InstanceRef
 from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
-from curator_assets.decode_worker import GATE_DIR_ENV
-from curator_assets.demo import photo_records, write_shard
+from curator_assets.cli.demo import photo_records, write_shard
 from curator_assets.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG, WarmRunLauncher
+from curator_assets.steps.decode.worker import GATE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 START = "dagster/asset_partition_range_start"

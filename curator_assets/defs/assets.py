@@ -6,14 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
-from curator_assets.decode import (
-    DEFAULT_HW_DECODER_LOAD,
-    DecodeError,
-    DecodeOptions,
-    decode_shard,
-    prepare_shared_decoder,
-    shared_decoder,
-)
+from curator_assets.decode import DecodeError, DecodeOptions, decode_shard
 from curator_assets.defs.checks import (
     INDEX_CHECKS,
     INDEX_WRITTEN,
@@ -26,10 +19,11 @@ from curator_assets.defs.checks import (
 from curator_assets.defs.executors import STEP_TAGS
 from curator_assets.defs.partitions import BACKFILL_POLICY, DECODE_POOL, shards
 from curator_assets.defs.resources import ShardStorage
-from curator_assets.index import IndexFormatError, ensure_index
-from curator_assets.manifest import markdown_preview
-from curator_assets.storage import StorageError
-from curator_assets.summary import (
+from curator_assets.formats.manifest import markdown_preview
+from curator_assets.formats.tar_members import TarError
+from curator_assets.steps.decode.shard import DEFAULT_HW_DECODER_LOAD, prepare_shared_decoder, shared_decoder
+from curator_assets.steps.index import IndexFormatError, ensure_index
+from curator_assets.steps.summary import (
     contact_sheet,
     failures_picture,
     png_markdown,
@@ -38,8 +32,8 @@ from curator_assets.summary import (
     summarize_decode,
     summary_markdown,
 )
-from curator_assets.tar_members import TarError
-from curator_assets.validation import summarize_dataset, validate_shard, write_report, write_summary
+from curator_assets.steps.validate import summarize_dataset, validate_shard, write_report, write_summary
+from curator_assets.store.dataset import StorageError
 
 SHARD_GROUP = "shards"
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
-from curator_assets.tar_members import BLOCK, REGULAR_TYPES, Member, Record, group_records, split_key
+from curator_assets.formats.tar_members import BLOCK, REGULAR_TYPES, Member, Record, group_records, split_key
 
 INDEX_VERSION = "v1.2"
 READABLE_VERSIONS = ("v1.1", "v1.2")
@@ -364,8 +364,8 @@ def ensure_index(
     """
     import time
 
-    from curator_assets.storage import fingerprint_of
-    from curator_assets.tar_members import read_members
+    from curator_assets.formats.tar_members import read_members
+    from curator_assets.store.dataset import fingerprint_of
 
     start = time.perf_counter()
     shard = dataset.shard(key)

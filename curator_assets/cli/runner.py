@@ -74,7 +74,7 @@ def _open_session(path: str, *, index_url, output_url, storage_options, out, nee
 
         from curator_assets.definitions import build_definitions
         from curator_assets.defs.resources import storage_from_env
-        from curator_assets.storage import StorageError
+        from curator_assets.store.dataset import StorageError
 
         # Built with the overrides, never copied: a copied resource keeps the environment's values.
         storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
@@ -159,7 +159,8 @@ def _start_decoder() -> None:
     """Start the decoder's worker processes now, while Dagster is imported and the instance made
     (~3 s here): the first decode no longer waits ~2 s for them. These are the options of
     decoded_images' default config, which is what ``run`` runs."""
-    from curator_assets.decode import DecodeOptions, prepare_shared_decoder
+    from curator_assets.decode import DecodeOptions
+    from curator_assets.steps.decode.shard import prepare_shared_decoder
 
     prepare_shared_decoder(DecodeOptions())
 
@@ -214,8 +215,8 @@ def run_ranges(job, instance, keys: list[str], order: list[str], as_json: bool, 
     per run, as the sensor does: each run's steps, DALI pipelines and dataset handle serve all its
     shards; every shard keeps its own partition and outcome), printing each shard's outcome, with
     a progress bar on a terminal."""
+    from curator_assets.cli.progress import progress
     from curator_assets.defs.partitions import MAX_SHARDS_PER_RUN, contiguous_ranges, range_tags
-    from curator_assets.progress import progress
 
     outcomes = []
     bar = progress(len(keys), as_json=as_json, desc=desc)

@@ -11,7 +11,7 @@ Validation, decode and the manifest all ask this module, so they agree on every 
   (which lower-cases extensions) and DALI with ``case_sensitive_extensions=False`` read them:
   ``image`` (:data:`IMAGE_EXTENSIONS`, in order of preference when a record has several),
   ``caption`` (``txt``), ``metadata`` (``json``), ``other``. An image role means "decode
-  this"; the format comes from the bytes (:mod:`curator_assets.sniff`).
+  this"; the format comes from the bytes (:mod:`curator_assets.formats.sniff`).
 * **Content checks**, from the last suffix (``seg.jpg`` is JPEG data too): image suffixes must
   hold an image, ``json`` valid JSON, ``txt``/``text``/``caption``/``cls`` UTF-8 text.
 * **Case**: two components of one record whose extensions differ only in case (``.JPG`` and
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 
-from curator_assets.tar_members import is_component, split_key
+from curator_assets.formats.tar_members import is_component, split_key
 
 __all__ = [
     "CAPTION", "CAPTION_EXTENSIONS", "IMAGE", "IMAGE_EXTENSIONS", "JPEG_EXTENSIONS", "METADATA",

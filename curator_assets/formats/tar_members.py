@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
-from curator_assets.sniff import compressed_reason
+from curator_assets.formats.sniff import compressed_reason
 
 BLOCK = 512
 

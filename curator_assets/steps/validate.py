@@ -19,8 +19,8 @@ The report records the fingerprints of the tar and the index it describes. Decod
 with a record-level problem (:meth:`ShardReport.problem_records`) is marked failed with the
 report's code and detail instead of being decoded; a stale report is not trusted.
 
-What a component is and means comes from :mod:`curator_assets.schema`; what image bytes are,
-and their header rules, from :mod:`curator_assets.sniff`.
+What a component is and means comes from :mod:`curator_assets.formats.schema`; what image bytes are,
+and their header rules, from :mod:`curator_assets.formats.sniff`.
 """
 
 from __future__ import annotations
@@ -36,24 +36,9 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, BinaryIO, NamedTuple
 
-from curator_assets import schema
-from curator_assets.index import (
-    IndexFormatError,
-    build_index_bytes,
-    index_differences,
-    index_tokens,
-    is_index_of_fields,
-    parse_index,
-)
-from curator_assets.sniff import (
-    JPEG_MODES,
-    PROGRESSIVE_SOF,
-    SOF_PROCESS,
-    ImageHeader,
-    check_image,
-    not_a_tar,
-)
-from curator_assets.tar_members import (
+from curator_assets.formats import schema
+from curator_assets.formats.sniff import JPEG_MODES, PROGRESSIVE_SOF, SOF_PROCESS, ImageHeader, check_image, not_a_tar
+from curator_assets.formats.tar_members import (
     BLOCK,
     NO_DATA_TYPES,
     Member,
@@ -63,6 +48,14 @@ from curator_assets.tar_members import (
     is_component,
     scan_members,
     split_key,
+)
+from curator_assets.steps.index import (
+    IndexFormatError,
+    build_index_bytes,
+    index_differences,
+    index_tokens,
+    is_index_of_fields,
+    parse_index,
 )
 
 ERROR = "error"
@@ -679,7 +672,7 @@ def _check_index(index_bytes: bytes, records: list[Record], out: _Collector) -> 
 
 def _check_image(window: _Window, record_id: str, m: Member, max_pixels: int, out: _Collector, *,
                  jpeg: bool = True) -> ImageInfo | None:
-    """The image rules of :func:`curator_assets.sniff.check_image` on one member (ranged reads)."""
+    """The image rules of :func:`curator_assets.formats.sniff.check_image` on one member (ranged reads)."""
     base = m.offset
     size = m.size
 
@@ -1153,12 +1146,12 @@ def validate_shard(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     severities: Mapping[str, str] | None = None,
 ) -> ShardReport:
-    """Validate shard ``key`` of a :class:`~curator_assets.storage.Dataset` (tar and its .idx).
+    """Validate shard ``key`` of a :class:`~curator_assets.store.dataset.Dataset` (tar and its .idx).
 
-    Raises :class:`~curator_assets.storage.StorageError` only when the shard cannot be opened;
+    Raises :class:`~curator_assets.store.dataset.StorageError` only when the shard cannot be opened;
     everything wrong inside it is a problem in the report.
     """
-    from curator_assets.storage import fingerprint_of
+    from curator_assets.store.dataset import fingerprint_of
 
     start = time.perf_counter()
     info = dataset.shard(key)

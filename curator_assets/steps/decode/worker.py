@@ -2,7 +2,7 @@
 
 A corrupt image can make DALI (or a codec under it) die with a signal (SIGSEGV, SIGABRT,
 SIGBUS), which no ``try`` catches. :class:`ContainedDecoder` has the interface of
-:class:`curator_assets.decode.ImageDecoder` (``build``, ``run``, ``builds``) but decodes in a
+:class:`curator_assets.steps.decode.shard.ImageDecoder` (``build``, ``run``, ``builds``) but decodes in a
 child process (DALI is imported and built only there; a fork of a process that holds DALI's
 threads or a CUDA context is unsafe):
 
@@ -21,7 +21,7 @@ threads or a CUDA context is unsafe):
   copies them into one shared-memory file (``/dev/shm``) per batch that the parent maps and
   unlinks at once, so pixels never go through pickle or the pipe;
 * when the worker dies, :meth:`ContainedDecoder.run` raises :class:`DecoderCrashed` (a
-  :class:`~curator_assets.decode.BatchDecodeFailed`) and the next call starts a fresh worker.
+  :class:`~curator_assets.steps.decode.shard.BatchDecodeFailed`) and the next call starts a fresh worker.
   The shard decoder then replays the batch one record at a time, so the record that kills the
   worker again is failed with ``decoder crashed (signal N)`` and every other record decodes.
 
@@ -57,7 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from curator_assets.decode import BatchDecodeFailed, DecodeOptions, DeviceChoice, ImageDecoder
+import curator_assets
+from curator_assets.steps.decode.shard import BatchDecodeFailed, DecodeOptions, DeviceChoice, ImageDecoder
 
 CRASH_MARKER_ENV = "CURATOR_TEST_CRASH_MARKER"
 HANG_MARKER_ENV = "CURATOR_TEST_HANG_MARKER"
@@ -66,11 +67,11 @@ GATE_LIMIT_SECONDS = 240.0  # well inside the parent's wait for an answer
 # A new worker imports DALI and builds its pipeline before its first answer: seconds on an idle
 # machine, tens on a loaded one. This much is allowed on top of the batch timeout.
 STARTUP_SECONDS = 120.0
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where curator_assets is
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(curator_assets.__file__)))  # where curator_assets is
 # The zygote's start: the collector off while it imports DALI (objects that live as long as it and
 # its workers), then frozen out of its sight; a worker turns it on again once its pipeline is built.
 _BOOT = ("import gc, sys; gc.disable(); sys.path.insert(0, sys.argv[1]); "
-         "from curator_assets.decode_worker import zygote; zygote(int(sys.argv[2]))")
+         "from curator_assets.steps.decode.worker import zygote; zygote(int(sys.argv[2]))")
 HOOKS = (CRASH_MARKER_ENV, HANG_MARKER_ENV, GATE_DIR_ENV)
 _CALLER: int | None = None  # in a worker: the process it decodes for (its parent is the zygote)
 REAP_SECONDS = 0.05  # how often the zygote looks for workers that exited
@@ -123,7 +124,7 @@ def zygote(fd: int) -> None:
     ends, its exit code (negative: the signal). Importing DALI starts no thread and touches no
     CUDA device, so a fork of this process is safe; each worker then builds its own pipeline.
     Ends when the caller goes (its workers exit as their own pipes close)."""
-    from curator_assets.decode import import_dali
+    from curator_assets.steps.decode.shard import import_dali
 
     conn = Connection(fd)
     caller = os.getppid()
@@ -331,7 +332,7 @@ def _map_pixels(name: str, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
 
 
 class ContainedDecoder:
-    """An :class:`~curator_assets.decode.ImageDecoder` whose DALI pipeline lives in a worker
+    """An :class:`~curator_assets.steps.decode.shard.ImageDecoder` whose DALI pipeline lives in a worker
     process that is restarted when it dies. ``keep_pixels``: bring the decoded pixels back
     (through shared memory); otherwise only their shapes come back."""
 

@@ -43,7 +43,7 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
                  storage_options: dict | None = None) -> Iterator[tuple[object, str | None, str | None]]:
     """For each PATH_OR_URL: (dataset, key, error). A folder yields every shard under it; a
     .tar yields itself. A path that cannot be listed yields (None, None, error)."""
-    from curator_assets.storage import Dataset, StorageError
+    from curator_assets.store.dataset import Dataset, StorageError
 
     for path in paths:
         try:
@@ -90,11 +90,11 @@ def _error_row(dataset, key: str, exc: BaseException) -> dict:
 def _error_code(dataset, key: str, exc: BaseException) -> tuple[str, str]:
     """A failed shard's code and message. A tar that fails at its first block is looked at
     once more: a file that is no tar at all (compressed, a Git LFS pointer, text) says so."""
-    from curator_assets.tar_members import TarError
+    from curator_assets.formats.tar_members import TarError
 
     if isinstance(exc, TarError):
         if exc.problem.offset == 0:
-            from curator_assets.sniff import not_a_tar
+            from curator_assets.formats.sniff import not_a_tar
 
             try:
                 with dataset.open_shard(key) as f:
@@ -112,9 +112,9 @@ def _error_code(dataset, key: str, exc: BaseException) -> tuple[str, str]:
 
 def _index_row(target: tuple[object, str, bool]) -> dict:
     """Index one shard; the CLI's row for it (errors included, never raised)."""
-    from curator_assets.index import IndexFormatError, ensure_index
-    from curator_assets.storage import StorageError, counting_reads
-    from curator_assets.tar_members import TarError
+    from curator_assets.formats.tar_members import TarError
+    from curator_assets.steps.index import IndexFormatError, ensure_index
+    from curator_assets.store.dataset import StorageError, counting_reads
 
     dataset, key, force = target
     try:
@@ -135,8 +135,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     shards, failures = _listed(args, lambda error: {"shard": None, "ok": False, "error": error})
     targets = [(dataset, key, args.force) for dataset, key in shards]
 
-    from curator_assets.parallel import map_shards
-    from curator_assets.progress import progress
+    from curator_assets.cli.parallel import map_shards
+    from curator_assets.cli.progress import progress
 
     local = all(d.all_local for d, _, _ in targets)
     with progress(len(targets), as_json=args.json, desc="index", item="records") as bar:
@@ -166,8 +166,8 @@ def _print_index_row(row: dict, as_json: bool) -> int:
 def _validate_row(target: tuple[object, str, int, dict | None, bool]) -> dict:
     """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it).
     With ``write``, the full report goes where decode reads its verdict."""
-    from curator_assets.storage import StorageError, counting_reads
-    from curator_assets.validation import unreadable_report, validate_shard, write_report
+    from curator_assets.steps.validate import unreadable_report, validate_shard, write_report
+    from curator_assets.store.dataset import StorageError, counting_reads
 
     dataset, key, max_pixels, severities, write = target
     try:
@@ -205,7 +205,7 @@ def _print_validation(row: dict, limit: int = 20) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
 
-    from curator_assets.validation import resolve_severities, unreadable_report
+    from curator_assets.steps.validate import resolve_severities, unreadable_report
 
     try:
         severities = dict(args.severities or []) or None
@@ -218,8 +218,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     write = bool(args.write_report or args.output)
     targets = [(dataset, key, args.max_pixels, severities, write) for dataset, key in shards]
 
-    from curator_assets.parallel import map_shards
-    from curator_assets.progress import progress
+    from curator_assets.cli.parallel import map_shards
+    from curator_assets.cli.progress import progress
 
     local = all(d.all_local for d, *_ in targets)
     rows = map_shards(_validate_row, targets, args.workers, local=local)
@@ -233,7 +233,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _print_validate_row(target, row: dict, severities, as_json: bool) -> int:
     """Print one shard's validation; 1 when it is not ok."""
-    from curator_assets.validation import unreadable_report
+    from curator_assets.steps.validate import unreadable_report
 
     if "problems" not in row:  # a worker died before reporting this shard
         dataset, key = target[0], target[1]
@@ -254,7 +254,7 @@ def _severity(text: str) -> tuple[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from curator_assets.demo import build_demo
+    from curator_assets.cli.demo import build_demo
 
     paths = build_demo(args.dir, shards=args.shards, records_per_shard=args.records)
     for p in paths:
@@ -268,9 +268,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     exit status is 1 when a shard could not be decoded (or listed), or is damaged (a truncated
     tar: its readable records are still in the manifest)."""
     from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
-    from curator_assets.index import IndexFormatError
-    from curator_assets.storage import StorageError
-    from curator_assets.tar_members import TarError
+    from curator_assets.formats.tar_members import TarError
+    from curator_assets.steps.index import IndexFormatError
+    from curator_assets.store.dataset import StorageError
 
     try:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,
@@ -286,7 +286,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
               f"{options.threads} threads on {options.pipelines} pipeline(s)", flush=True)
     shards, failures = _listed(args, lambda error: {"shard": None, "ok": False, "error": error},
                                output_url=args.output)
-    from curator_assets.progress import progress
+    from curator_assets.cli.progress import progress
 
     with progress(len(shards), as_json=args.json, desc="decode") as bar:
         for dataset, key in shards:
@@ -334,14 +334,14 @@ def _print_decoded(result) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from curator_assets.runner import run_pipeline
+    from curator_assets.cli.runner import run_pipeline
 
     return run_pipeline(args.path, index_url=args.index_dir, output_url=args.output, as_json=args.json,
                         storage_options=dict(args.storage_options or []))
 
 
 def cmd_rerun_failed(args: argparse.Namespace) -> int:
-    from curator_assets.runner import rerun_failed
+    from curator_assets.cli.runner import rerun_failed
 
     return rerun_failed(args.path, index_url=args.index_dir, output_url=args.output, as_json=args.json,
                         storage_options=dict(args.storage_options or []))

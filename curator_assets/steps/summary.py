@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from curator_assets.manifest import MANIFEST_KIND, MANIFEST_SUFFIX, METADATA_PREFIX
+from curator_assets.formats.manifest import MANIFEST_KIND, MANIFEST_SUFFIX, METADATA_PREFIX
 
 SUMMARY_COLUMNS = ["record_id", "member", "size", "width", "height", "decoded", "error", "sha256"]
 MAX_PICTURE_BYTES = 100_000  # a picture embedded in Markdown metadata stays under this

@@ -1,0 +1,4 @@
+"""Formats: what the bytes of a shard, its index, a report and a manifest mean.
+
+Imports nothing else of the project.
+"""

@@ -1,0 +1,1 @@
+"""Decode: options, the DALI engine, crash containment, the shard decoder."""
