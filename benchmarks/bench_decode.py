@@ -361,7 +361,7 @@ def cpu_seconds() -> float:
 
 def worker(args, name: str) -> int:
     """One contender: warm up once, then one timed run per line read from stdin."""
-    from curator_assets.steps.decode.shard import available_cores
+    from curator_assets.steps.decode.options import available_cores
 
     with tempfile.TemporaryDirectory() as tmp:
         if name == "ours: fsspec ranged reads":
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args, args.worker)
 
     from curator_assets.decode import DecodeOptions
-    from curator_assets.steps.decode.shard import available_cores, resolve_device
+    from curator_assets.steps.decode.options import available_cores, resolve_device
 
     bs = args.batch_size
     cores = available_cores()

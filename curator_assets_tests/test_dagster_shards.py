@@ -240,7 +240,7 @@ def test_sensor_batches_new_shards_into_ranged_runs_each_shard_its_own_partition
     from curator_assets.decode import DecodeOptions
     from curator_assets.definitions import build_definitions
     from curator_assets.defs import partitions
-    from curator_assets.steps.decode.shard import shared_decoder
+    from curator_assets.steps.decode.shared import shared_decoder
 
     monkeypatch.setenv("CURATOR_RUN_SLOTS", "2")
     names = [f"{i:05d}" for i in range(5)]

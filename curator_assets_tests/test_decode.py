@@ -23,13 +23,9 @@ from curator_assets import cli
 from curator_assets.cli.demo import PhotoRecord, write_shard
 from curator_assets.decode import DecodeOptions, ShardDecoder, StaleIndexError, decode_shard, iter_batches
 from curator_assets.formats.manifest import read_manifest
-from curator_assets.steps.decode.shard import (
-    DeviceUnavailableError,
-    cuda_device_count,
-    plan_shard,
-    resolve_device,
-    sniff_image,
-)
+from curator_assets.steps.decode.options import DeviceUnavailableError, cuda_device_count, resolve_device
+from curator_assets.steps.decode.plan import plan_shard
+from curator_assets.steps.decode.reader import sniff_image
 from curator_assets.steps.index import ensure_index
 from curator_assets.store.dataset import Dataset
 from curator_assets_tests.conftest import write_members

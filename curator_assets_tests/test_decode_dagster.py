@@ -16,7 +16,7 @@ from curator_assets.definitions import build_definitions
 from curator_assets.defs.assets import decoded_images, shard_index, shard_validation
 from curator_assets.defs.partitions import shards
 from curator_assets.defs.resources import ShardStorage
-from curator_assets.steps.decode.shard import resolve_device
+from curator_assets.steps.decode.options import resolve_device
 from curator_assets_tests.conftest import write_members
 
 
@@ -107,7 +107,7 @@ def test_a_run_starts_its_decoder_while_it_indexes(tmp_path, photos, instance):
     decoder more in the process, not two. A run without the decode step starts none."""
     from curator_assets.decode import DecodeOptions
     from curator_assets.defs.assets import DecodedImagesConfig, decode_options
-    from curator_assets.steps.decode.shard import shared_decoder, shared_decoder_wanted, shared_decoders_built
+    from curator_assets.steps.decode.shared import shared_decoder, shared_decoder_wanted, shared_decoders_built
 
     assert decode_options(DecodedImagesConfig()) == DecodeOptions()  # what `curator-assets run` starts early
     folder = tmp_path / "ds"
@@ -142,7 +142,7 @@ INDEX_ONLY = """
 import sys
 import dagster as dg
 from curator_assets.decode import DecodeOptions
-from curator_assets.steps.decode.shard import shared_decoder_wanted
+from curator_assets.steps.decode.shared import shared_decoder_wanted
 from curator_assets.definitions import build_definitions
 from curator_assets.defs.assets import shard_index
 from curator_assets.defs.partitions import shards

@@ -160,7 +160,7 @@ def _start_decoder() -> None:
     (~3 s here): the first decode no longer waits ~2 s for them. These are the options of
     decoded_images' default config, which is what ``run`` runs."""
     from curator_assets.decode import DecodeOptions
-    from curator_assets.steps.decode.shard import prepare_shared_decoder
+    from curator_assets.steps.decode.shared import prepare_shared_decoder
 
     prepare_shared_decoder(DecodeOptions())
 

@@ -21,7 +21,8 @@ from curator_assets.defs.partitions import BACKFILL_POLICY, DECODE_POOL, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.formats.manifest import markdown_preview
 from curator_assets.formats.tar_members import TarError
-from curator_assets.steps.decode.shard import DEFAULT_HW_DECODER_LOAD, prepare_shared_decoder, shared_decoder
+from curator_assets.steps.decode.options import DEFAULT_HW_DECODER_LOAD
+from curator_assets.steps.decode.shared import prepare_shared_decoder, shared_decoder
 from curator_assets.steps.index import IndexFormatError, ensure_index
 from curator_assets.steps.summary import (
     contact_sheet,

@@ -2,7 +2,7 @@
 
 A corrupt image can make DALI (or a codec under it) die with a signal (SIGSEGV, SIGABRT,
 SIGBUS), which no ``try`` catches. :class:`ContainedDecoder` has the interface of
-:class:`curator_assets.steps.decode.shard.ImageDecoder` (``build``, ``run``, ``builds``) but decodes in a
+:class:`curator_assets.steps.decode.engine.ImageDecoder` (``build``, ``run``, ``builds``) but decodes in a
 child process (DALI is imported and built only there; a fork of a process that holds DALI's
 threads or a CUDA context is unsafe):
 
@@ -21,7 +21,7 @@ threads or a CUDA context is unsafe):
   copies them into one shared-memory file (``/dev/shm``) per batch that the parent maps and
   unlinks at once, so pixels never go through pickle or the pipe;
 * when the worker dies, :meth:`ContainedDecoder.run` raises :class:`DecoderCrashed` (a
-  :class:`~curator_assets.steps.decode.shard.BatchDecodeFailed`) and the next call starts a fresh worker.
+  :class:`~curator_assets.steps.decode.engine.BatchDecodeFailed`) and the next call starts a fresh worker.
   The shard decoder then replays the batch one record at a time, so the record that kills the
   worker again is failed with ``decoder crashed (signal N)`` and every other record decodes.
 
@@ -58,7 +58,8 @@ from typing import Any
 import numpy as np
 
 import curator_assets
-from curator_assets.steps.decode.shard import BatchDecodeFailed, DecodeOptions, DeviceChoice, ImageDecoder
+from curator_assets.steps.decode.engine import BatchDecodeFailed, ImageDecoder
+from curator_assets.steps.decode.options import DecodeOptions, DeviceChoice
 
 CRASH_MARKER_ENV = "CURATOR_TEST_CRASH_MARKER"
 HANG_MARKER_ENV = "CURATOR_TEST_HANG_MARKER"
@@ -124,7 +125,7 @@ def zygote(fd: int) -> None:
     ends, its exit code (negative: the signal). Importing DALI starts no thread and touches no
     CUDA device, so a fork of this process is safe; each worker then builds its own pipeline.
     Ends when the caller goes (its workers exit as their own pipes close)."""
-    from curator_assets.steps.decode.shard import import_dali
+    from curator_assets.steps.decode.engine import import_dali
 
     conn = Connection(fd)
     caller = os.getppid()
@@ -332,7 +333,7 @@ def _map_pixels(name: str, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
 
 
 class ContainedDecoder:
-    """An :class:`~curator_assets.steps.decode.shard.ImageDecoder` whose DALI pipeline lives in a worker
+    """An :class:`~curator_assets.steps.decode.engine.ImageDecoder` whose DALI pipeline lives in a worker
     process that is restarted when it dies. ``keep_pixels``: bring the decoded pixels back
     (through shared memory); otherwise only their shapes come back."""
 
