@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from curator_assets.steps.index import parse_index
+from curator_assets.formats.idx import parse_index
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

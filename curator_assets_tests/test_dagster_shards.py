@@ -14,7 +14,7 @@ from curator_assets.defs.assets import shard_index
 from curator_assets.defs.partitions import shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.defs.sensors import decode_cursor, shard_sensor
-from curator_assets.steps.index import parse_index
+from curator_assets.formats.idx import parse_index
 
 REPO = Path(__file__).resolve().parents[1]
 

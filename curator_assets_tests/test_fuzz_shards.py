@@ -34,10 +34,13 @@ from pathlib import Path
 import pytest
 
 from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
+from curator_assets.formats.idx import IndexFormatError, parse_index
+from curator_assets.formats.report import CODES
 from curator_assets.formats.tar_members import TarError, split_key
-from curator_assets.steps.index import IndexFormatError, ensure_index, parse_index
-from curator_assets.steps.validate import CODES, validate_shard
-from curator_assets.store.dataset import Dataset, StorageError
+from curator_assets.steps.index import ensure_index
+from curator_assets.steps.validate import validate_shard
+from curator_assets.store.dataset import Dataset
+from curator_assets.store.errors import StorageError
 from curator_assets_tests.test_realworld_tars import tarfile_tar, webdataset_tar
 
 SEED = int(os.environ.get("CURATOR_FUZZ_SEED", "20261201"))

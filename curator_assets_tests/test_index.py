@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curator_assets.formats.tar_members import group_records, read_members
-from curator_assets.steps.index import (
+from curator_assets.formats.idx import (
     IndexFormatError,
     build_index_bytes,
     format_index,
     index_bytes_of_members,
     parse_index,
 )
+from curator_assets.formats.tar_members import group_records, read_members
 from curator_assets_tests.conftest import write_members
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}

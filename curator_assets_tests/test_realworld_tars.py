@@ -26,8 +26,9 @@ import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from curator_assets.cli.demo import PhotoRecord
+from curator_assets.formats.idx import IndexFormatError, format_index, index_bytes_of_members, parse_index
 from curator_assets.formats.tar_members import _batches, group_records, scan_tar
-from curator_assets.steps.index import IndexFormatError, ensure_index, format_index, index_bytes_of_members, parse_index
+from curator_assets.steps.index import ensure_index
 from curator_assets.steps.validate import validate_file, validate_shard
 from curator_assets.store.dataset import Dataset
 from curator_assets_tests.test_index import dali_read_all, wds2idx

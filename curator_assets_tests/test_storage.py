@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from curator_assets.steps.index import ensure_index, parse_index
-from curator_assets.store.dataset import (
-    STALE_TEMP_S,
-    Dataset,
-    StorageError,
-    StorePolicy,
-    UnsafeKeyError,
-    key_for_relpath,
-    redact,
-    secret_values,
-    write_atomic,
-)
+from curator_assets.formats.idx import parse_index
+from curator_assets.steps.index import ensure_index
+from curator_assets.store.atomic import STALE_TEMP_S, write_atomic
+from curator_assets.store.dataset import Dataset
+from curator_assets.store.errors import StorageError, UnsafeKeyError, redact, secret_values
+from curator_assets.store.fs import StorePolicy
+from curator_assets.store.keys import key_for_relpath
 
 
 def test_keys_recursive_any_case(tmp_path: Path, make_shard) -> None:
@@ -156,7 +151,7 @@ def test_unwritable_index_location(tmp_path: Path, make_shard) -> None:
 def test_modified_time_in_every_form_a_store_reports() -> None:
     import datetime
 
-    from curator_assets.store.dataset import modified_at
+    from curator_assets.store.keys import modified_at
 
     when = datetime.datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=datetime.UTC)
     assert modified_at({"mtime": when.timestamp()}) == when.timestamp()  # local disk
@@ -186,20 +181,22 @@ def test_longest_legal_shard_name_is_indexed_and_reported(tmp_path: Path, make_s
 
 _HANG_IN_WRITE = """
 import os, sys, time
-from curator_assets.store import dataset as storage
+from curator_assets.store.atomic import write_atomic
+from curator_assets.store.fs import LocalFS
 
 def hang(fd):  # inside the write window: temp file written, not yet renamed
     print("in-window", flush=True)
     time.sleep(120)
 
 os.fsync = hang
-storage.write_atomic(storage.LocalFS(), sys.argv[1], b"partial " * 1000)
+write_atomic(LocalFS(), sys.argv[1], b"partial " * 1000)
 """
 
 _WRITE = """
 import sys
-from curator_assets.store import dataset as storage
-storage.write_atomic(storage.LocalFS(), sys.argv[1], b"next write")
+from curator_assets.store.atomic import write_atomic
+from curator_assets.store.fs import LocalFS
+write_atomic(LocalFS(), sys.argv[1], b"next write")
 """
 
 

@@ -21,9 +21,12 @@ from curator_assets.cli.demo import PhotoRecord, write_shard
 from curator_assets.defs.assets import shard_index
 from curator_assets.defs.resources import SECRET_ENV, ShardStorage
 from curator_assets.defs.sensors import shard_sensor
+from curator_assets.formats.idx import parse_index
 from curator_assets.formats.tar_members import read_members
-from curator_assets.steps.index import ensure_index, parse_index
-from curator_assets.store.dataset import OUTPUT_DIRNAME, Dataset, StorageError
+from curator_assets.steps.index import ensure_index
+from curator_assets.store.dataset import Dataset
+from curator_assets.store.errors import StorageError
+from curator_assets.store.keys import OUTPUT_DIRNAME
 from curator_assets_tests.emulators import ObjectStore
 
 pytestmark = pytest.mark.cloud
@@ -370,7 +373,7 @@ def _decode_corpus(root: Path, photos: list[PhotoRecord]) -> dict[str, Path]:
     each indexed; then one made stale (rewritten after indexing) and one damaged in a header."""
     import dataclasses
 
-    from curator_assets.steps.index import build_index_bytes
+    from curator_assets.formats.idx import build_index_bytes
 
     keys = {
         "plain": [r.key for r in photos[:6]],

@@ -24,7 +24,8 @@ from curator_assets.cli.demo import PhotoRecord, write_shard
 from curator_assets.decode import DecodeOptions, ShardDecoder, decode_shard
 from curator_assets.steps.index import ensure_index
 from curator_assets.steps.validate import validate_shard
-from curator_assets.store.dataset import STORE_DENIED, STORE_TIMEOUT, STORE_UNAVAILABLE, Dataset, StorageError
+from curator_assets.store.dataset import Dataset
+from curator_assets.store.errors import STORE_DENIED, STORE_TIMEOUT, STORE_UNAVAILABLE, StorageError
 from curator_assets_tests.emulators import ObjectStore
 from curator_assets_tests.faultproxy import FaultProxy, reads, touches
 

@@ -26,7 +26,8 @@ from curator_assets.steps.summary import (
     size_picture,
     summarize_decode,
 )
-from curator_assets.store.dataset import Dataset, counting_reads
+from curator_assets.store.dataset import Dataset
+from curator_assets.store.fs import counting_reads
 from curator_assets_tests.conftest import write_members
 
 BAD = b"\xff\xd8\xff\xdb not a JPEG at all"

@@ -16,17 +16,19 @@ import pytest
 from PIL import Image
 
 from curator_assets.cli import main
-from curator_assets.formats.sniff import jpeg_header
-from curator_assets.steps.validate import (
+from curator_assets.formats.report import (
     CODES,
     DEFAULT_SEVERITIES,
     ERROR,
     WARNING,
     ShardReport,
-    _fast_validate,
-    read_report,
     resolve_severities,
     summarize,
+)
+from curator_assets.formats.sniff import jpeg_header
+from curator_assets.steps.validate import (
+    fast_validate,
+    read_report,
     summarize_dataset,
     validate_file,
     validate_shard,
@@ -128,7 +130,7 @@ def test_the_vectorised_pass_proves_plain_shards_and_declines_the_rest(corpus, c
     def fast(case: malformed.Case) -> ShardReport | None:
         index = case.path.with_suffix(".idx")
         with open(case.path, "rb") as f:
-            return _fast_validate(
+            return fast_validate(
                 f.fileno(), lambda o, n: os.pread(f.fileno(), n, o), case.path.stat().st_size, shard="s", key=None,
                 index_bytes=index.read_bytes() if index.exists() else None, expect_index=True,
                 max_pixels=DEFAULT_PIXELS, levels=DEFAULT_SEVERITIES,

@@ -43,7 +43,8 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
                  storage_options: dict | None = None) -> Iterator[tuple[object, str | None, str | None]]:
     """For each PATH_OR_URL: (dataset, key, error). A folder yields every shard under it; a
     .tar yields itself. A path that cannot be listed yields (None, None, error)."""
-    from curator_assets.store.dataset import Dataset, StorageError
+    from curator_assets.store.dataset import Dataset
+    from curator_assets.store.errors import StorageError
 
     for path in paths:
         try:
@@ -112,9 +113,11 @@ def _error_code(dataset, key: str, exc: BaseException) -> tuple[str, str]:
 
 def _index_row(target: tuple[object, str, bool]) -> dict:
     """Index one shard; the CLI's row for it (errors included, never raised)."""
+    from curator_assets.formats.idx import IndexFormatError
     from curator_assets.formats.tar_members import TarError
-    from curator_assets.steps.index import IndexFormatError, ensure_index
-    from curator_assets.store.dataset import StorageError, counting_reads
+    from curator_assets.steps.index import ensure_index
+    from curator_assets.store.errors import StorageError
+    from curator_assets.store.fs import counting_reads
 
     dataset, key, force = target
     try:
@@ -167,7 +170,8 @@ def _validate_row(target: tuple[object, str, int, dict | None, bool]) -> dict:
     """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it).
     With ``write``, the full report goes where decode reads its verdict."""
     from curator_assets.steps.validate import unreadable_report, validate_shard, write_report
-    from curator_assets.store.dataset import StorageError, counting_reads
+    from curator_assets.store.errors import StorageError
+    from curator_assets.store.fs import counting_reads
 
     dataset, key, max_pixels, severities, write = target
     try:
@@ -205,7 +209,8 @@ def _print_validation(row: dict, limit: int = 20) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
 
-    from curator_assets.steps.validate import resolve_severities, unreadable_report
+    from curator_assets.formats.report import resolve_severities
+    from curator_assets.steps.validate import unreadable_report
 
     try:
         severities = dict(args.severities or []) or None
@@ -268,9 +273,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     exit status is 1 when a shard could not be decoded (or listed), or is damaged (a truncated
     tar: its readable records are still in the manifest)."""
     from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
+    from curator_assets.formats.idx import IndexFormatError
     from curator_assets.formats.tar_members import TarError
-    from curator_assets.steps.index import IndexFormatError
-    from curator_assets.store.dataset import StorageError
+    from curator_assets.store.errors import StorageError
 
     try:
         options = DecodeOptions(device=args.device, batch_size=args.batch_size, num_threads=args.threads or None,

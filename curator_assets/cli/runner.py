@@ -74,7 +74,7 @@ def _open_session(path: str, *, index_url, output_url, storage_options, out, nee
 
         from curator_assets.definitions import build_definitions
         from curator_assets.defs.resources import storage_from_env
-        from curator_assets.store.dataset import StorageError
+        from curator_assets.store.errors import StorageError
 
         # Built with the overrides, never copied: a copied resource keeps the environment's values.
         storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,

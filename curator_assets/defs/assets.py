@@ -19,11 +19,12 @@ from curator_assets.defs.checks import (
 from curator_assets.defs.executors import STEP_TAGS
 from curator_assets.defs.partitions import BACKFILL_POLICY, DECODE_POOL, shards
 from curator_assets.defs.resources import ShardStorage
+from curator_assets.formats.idx import IndexFormatError
 from curator_assets.formats.manifest import markdown_preview
 from curator_assets.formats.tar_members import TarError
 from curator_assets.steps.decode.options import DEFAULT_HW_DECODER_LOAD
 from curator_assets.steps.decode.shared import prepare_shared_decoder, shared_decoder
-from curator_assets.steps.index import IndexFormatError, ensure_index
+from curator_assets.steps.index import ensure_index
 from curator_assets.steps.summary import (
     contact_sheet,
     failures_picture,
@@ -34,7 +35,7 @@ from curator_assets.steps.summary import (
     summary_markdown,
 )
 from curator_assets.steps.validate import summarize_dataset, validate_shard, write_report, write_summary
-from curator_assets.store.dataset import StorageError
+from curator_assets.store.errors import StorageError
 
 SHARD_GROUP = "shards"
 

@@ -18,7 +18,8 @@ import dagster as dg
 
 from curator_assets.defs.partitions import shards
 from curator_assets.defs.resources import ShardStorage
-from curator_assets.steps.validate import ERROR, WARNING, ShardReport, summarize_dataset
+from curator_assets.formats.report import ERROR, WARNING, ShardReport
+from curator_assets.steps.validate import summarize_dataset
 
 _SHOWN = 20  # problems listed in the check's metadata; the report holds all of them
 

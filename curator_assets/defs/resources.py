@@ -6,7 +6,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from curator_assets.store.dataset import Dataset, url_protocol
+from curator_assets.store.dataset import Dataset
+from curator_assets.store.fs import url_protocol
 
 # Credentials come from these environment variables (through dg.EnvVar, so the UI shows the
 # variable's name, never its value).

@@ -20,7 +20,7 @@ from curator_assets.defs.partitions import (
     shards,
 )
 from curator_assets.defs.resources import ShardStorage
-from curator_assets.store.dataset import StorageError
+from curator_assets.store.errors import StorageError
 
 
 def short_fingerprint(fingerprint: str) -> str:

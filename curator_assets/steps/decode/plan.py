@@ -6,20 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from curator_assets.formats import schema
+from curator_assets.formats.idx import IndexComponent, IndexFormatError, header_starts, index_differences, parse_index
 from curator_assets.formats.sniff import not_a_tar
 from curator_assets.formats.tar_members import (
     group_records,
     scan_tar,
 )
 from curator_assets.steps.decode.options import IMAGE_EXTENSIONS, DecodeError, StaleIndexError
-from curator_assets.steps.index import (
-    IndexComponent,
-    IndexFormatError,
-    header_starts,
-    index_differences,
-    parse_index,
-)
-from curator_assets.store.dataset import StorageError
+from curator_assets.store.errors import StorageError
 
 # ---------------------------------------------------------------------------------------------
 # The plan: records and where their components are
@@ -92,7 +86,7 @@ def _planned(position: int, record_id: str, comps: tuple[Component, ...]) -> Pla
 
 
 def apply_report(plan: ShardPlan, report, fingerprint: str | None) -> None:
-    """Fail the records that ``report`` (a :class:`~curator_assets.steps.validate.ShardReport`)
+    """Fail the records that ``report`` (a :class:`~curator_assets.formats.report.ShardReport`)
     lists with record-level problems, with its code and detail; only when the report was made
     from this tar (``fingerprint``), else it is stale and ignored."""
     if report is None:
@@ -125,7 +119,7 @@ def plan_shard(dataset, key: str, report: Any = AUTO, *, scan: bool = True) -> S
     added; another shard's index) raises :class:`StaleIndexError`: decoding from it would put
     one member's bytes under another record's ID. A damaged tar is planned from the
     recovering scan (its problems listed, and kept as shard errors), so every record it can
-    find is decoded. ``report``: the shard's :class:`~curator_assets.steps.validate.ShardReport`
+    find is decoded. ``report``: the shard's :class:`~curator_assets.formats.report.ShardReport`
     whose verdict fails records (see :func:`apply_report`); ``"auto"`` reads the stored one,
     None uses none. Raises :class:`DecodeError` for a file that is no tar at all, or holds
     nothing readable.
@@ -152,7 +146,7 @@ def plan_shard(dataset, key: str, report: Any = AUTO, *, scan: bool = True) -> S
 
 def _plan_from_index(dataset, shard, raw: bytes) -> ShardPlan | None:
     """The records as the index lists them, with where each member's headers must begin
-    (:func:`~curator_assets.steps.index.header_starts`); None when the index cannot describe the tar
+    (:func:`~curator_assets.formats.idx.header_starts`); None when the index cannot describe the tar
     (the scan then decides how it is wrong)."""
     try:
         index = parse_index(raw)

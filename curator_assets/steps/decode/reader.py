@@ -25,7 +25,7 @@ from curator_assets.formats.tar_members import (
 )
 from curator_assets.steps.decode.options import DEFAULT_MAX_PIXELS, LOCAL_GAP, REMOTE_GAP, DecodeError, StaleIndexError
 from curator_assets.steps.decode.plan import Component, PlannedRecord, ShardPlan
-from curator_assets.store.dataset import StorageError
+from curator_assets.store.errors import StorageError
 
 # ---------------------------------------------------------------------------------------------
 # Sniffing encoded images (cheap: the first bytes, and a walk over the JPEG markers)

@@ -4,7 +4,7 @@ The shape of it:
 
 * **Plan** (:func:`plan_shard`): a scan of every tar header (512 bytes per member, seeking over
   the data) gives the records, with IDs from the member names; the shard's ``.idx``, when it has
-  one, must describe exactly those records (:func:`~curator_assets.steps.index.index_differences`)
+  one, must describe exactly those records (:func:`~curator_assets.formats.idx.index_differences`)
   or the shard stops as stale. A damaged tar is planned from the recovering scan.
 * **Read**: two readers, chosen by :attr:`DecodeOptions.reader`.
 
@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from curator_assets.formats.idx import format_lines
 from curator_assets.formats.manifest import ManifestRow, manifest_table, manifest_url, write_manifest
 from curator_assets.steps.decode.engine import (
     BatchDecodeFailed,
@@ -85,9 +86,6 @@ from curator_assets.steps.decode.options import (
 )
 from curator_assets.steps.decode.plan import AUTO, PlannedRecord, ShardPlan, plan_shard
 from curator_assets.steps.decode.reader import EncodedBatch, EncodedRecord, ShardReader, check_metadata, sniff_image
-from curator_assets.steps.index import (
-    format_lines,
-)
 
 # ---------------------------------------------------------------------------------------------
 # Decoding a shard
