@@ -240,11 +240,13 @@ TEXT_FILES = sorted(
 )
 DOTTED = re.compile(r"(?<![\w.])curator_assets(?:\.[A-Za-z_]\w*)+")
 PATH = re.compile(r"(?<![\w/])curator_assets/[\w/]*\w\.py\b")
+FROM = re.compile(r"from (curator_assets(?:\.\w+)*) import (?:\(([^)]*)\)|([\w ,]+))")
 
 
 def test_every_module_name_and_path_in_a_string_exists():
-    """Every ``curator_assets.x.y`` and ``curator_assets/x/y.py`` written anywhere in the repo (code,
-    strings, docs, YAML) names a module, or a name that module defines, that exists."""
+    """Every ``curator_assets.x.y``, ``from curator_assets.x import y`` and ``curator_assets/x/y.py``
+    written anywhere in the repo (code, strings, docs, YAML) names a module, or a name that module
+    defines, that exists."""
     assert TEXT_FILES
     wrong = []
     for path in TEXT_FILES:
@@ -253,6 +255,12 @@ def test_every_module_name_and_path_in_a_string_exists():
             why = missing(m.group(0))
             if why:
                 wrong.append(f"{path.relative_to(REPO)}: {why}")
+        for m in FROM.finditer(text):  # imports in code, in strings of code and in the docs' examples
+            names = re.sub(r"#[^\n]*", "", m.group(2) or m.group(3)).split(",")
+            for name in (" ".join(n.split()).split(" as ")[0] for n in names):
+                why = name and missing(f"{m.group(1)}.{name}")
+                if why:
+                    wrong.append(f"{path.relative_to(REPO)}: {why}")
         for m in PATH.finditer(text):
             if not (REPO / m.group(0)).is_file():
                 wrong.append(f"{path.relative_to(REPO)}: {m.group(0)}: no such file")

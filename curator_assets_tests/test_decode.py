@@ -466,7 +466,8 @@ def test_device_count_and_dali_version_agree_with_dali_itself() -> None:
     """The device count (asked of libcuda) and the manifest's DALI version (from the package
     metadata) are what DALI says, though the process that reads them never imports DALI."""
     script = ("import sys, os\n"
-              "from curator_assets.steps.decode.shard import cuda_device_count, dali_version\n"
+              "from curator_assets.steps.decode.engine import dali_version\n"
+              "from curator_assets.steps.decode.options import cuda_device_count\n"
               "ours = (cuda_device_count(), dali_version())\n"
               "assert 'nvidia.dali' not in sys.modules, 'DALI was imported'\n"
               "import nvidia.dali\n"
