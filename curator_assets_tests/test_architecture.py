@@ -106,6 +106,19 @@ def test_imports_go_down(module):
     assert not wrong, f"{module} ({mine}) may import only {sorted(MAY_IMPORT[mine])}, but imports {wrong}"
 
 
+def step_kind(module: str) -> str:
+    """steps.decode.shard -> decode, steps.validate_fast -> validate, steps.index -> index."""
+    return module.split(".")[2].split("_")[0]
+
+
+def test_steps_talk_only_through_reports_and_manifests():
+    """A step of one kind (index, validate, decode, summary) imports no step of another kind: it reads
+    what another step stored through formats/ (the report, the manifest)."""
+    crossing = sorted(f"{m} -> {t}" for m, ts in GRAPH.items() if layer_of(m) == "steps" for t in ts
+                      if layer_of(t) == "steps" and step_kind(t) != step_kind(m))
+    assert crossing == []
+
+
 def test_nothing_imports_the_instance_parts():
     users = sorted(f"{m} -> {t}" for m, ts in GRAPH.items() for t in ts
                    if layer_of(t) == "instance" and layer_of(m) != "instance")

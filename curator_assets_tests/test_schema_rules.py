@@ -26,11 +26,11 @@ from PIL import Image, features
 from curator_assets import cli
 from curator_assets.decode import DecodeOptions, decode_shard
 from curator_assets.formats import sniff
-from curator_assets.formats.report import CODES, INFO
+from curator_assets.formats.report import CODES, INFO, read_report, write_report
 from curator_assets.formats.schema import ambiguous_extensions, content_kind, parse_metadata, role
 from curator_assets.steps.decode.reader import sniff_image
 from curator_assets.steps.index import ensure_index
-from curator_assets.steps.validate import read_report, validate_file, validate_shard, write_report
+from curator_assets.steps.validate import validate_file, validate_shard
 from curator_assets.store.dataset import Dataset
 from curator_assets_tests.conftest import write_members
 from curator_assets_tests.malformed import with_sof_size

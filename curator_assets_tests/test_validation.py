@@ -22,19 +22,13 @@ from curator_assets.formats.report import (
     ERROR,
     WARNING,
     ShardReport,
+    read_report,
     resolve_severities,
     summarize,
+    write_report,
 )
 from curator_assets.formats.sniff import jpeg_header
-from curator_assets.steps.validate import (
-    fast_validate,
-    read_report,
-    summarize_dataset,
-    validate_file,
-    validate_shard,
-    write_report,
-    write_summary,
-)
+from curator_assets.steps.validate import fast_validate, summarize_dataset, validate_file, validate_shard, write_summary
 from curator_assets.store.dataset import Dataset
 from curator_assets_tests import malformed
 

@@ -14,7 +14,7 @@ from curator_assets.definitions import build_definitions
 from curator_assets.defs import assets, checks, jobs
 from curator_assets.defs.partitions import range_tags, shards
 from curator_assets.defs.resources import ShardStorage
-from curator_assets.steps.validate import read_report
+from curator_assets.formats.report import read_report
 from curator_assets.store.dataset import Dataset
 from curator_assets_tests import malformed
 

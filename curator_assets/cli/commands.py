@@ -169,7 +169,8 @@ def _print_index_row(row: dict, as_json: bool) -> int:
 def _validate_row(target: tuple[object, str, int, dict | None, bool]) -> dict:
     """Validate one shard; the report as a dict (a shard that cannot be read is a problem in it).
     With ``write``, the full report goes where decode reads its verdict."""
-    from curator_assets.steps.validate import unreadable_report, validate_shard, write_report
+    from curator_assets.formats.report import write_report
+    from curator_assets.steps.validate import unreadable_report, validate_shard
     from curator_assets.store.errors import StorageError
     from curator_assets.store.fs import counting_reads
 

@@ -21,6 +21,7 @@ from curator_assets.defs.partitions import BACKFILL_POLICY, DECODE_POOL, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.formats.idx import IndexFormatError
 from curator_assets.formats.manifest import markdown_preview
+from curator_assets.formats.report import write_report
 from curator_assets.formats.tar_members import TarError
 from curator_assets.steps.decode.options import DEFAULT_HW_DECODER_LOAD
 from curator_assets.steps.decode.shared import prepare_shared_decoder, shared_decoder
@@ -34,7 +35,7 @@ from curator_assets.steps.summary import (
     summarize_decode,
     summary_markdown,
 )
-from curator_assets.steps.validate import summarize_dataset, validate_shard, write_report, write_summary
+from curator_assets.steps.validate import summarize_dataset, validate_shard, write_summary
 from curator_assets.store.errors import StorageError
 
 SHARD_GROUP = "shards"

@@ -314,3 +314,23 @@ def summarize(reports: Iterable[tuple[str, ShardReport | None]]) -> DatasetSumma
     return summary
 
 
+# Stored beside the dataset's outputs (``dataset``: a :class:`curator_assets.store.dataset.Dataset`)
+REPORT_KIND = "validation"
+REPORT_SUFFIX = ".json"
+
+
+def write_report(dataset, report: ShardReport) -> str:
+    """Write the report through the dataset's output location (atomically); returns its URL."""
+    if report.key is None:
+        raise ValueError("a report written to a dataset needs the shard's key")
+    return dataset.write_output(REPORT_KIND, report.key, REPORT_SUFFIX, report.to_bytes())
+
+
+def read_report(dataset, key: str) -> ShardReport | None:
+    """The stored report of shard ``key``, or None when it has not been validated."""
+    path = dataset.output_path(REPORT_KIND, key, REPORT_SUFFIX)
+    try:
+        data = dataset.read_bytes(path, fs=dataset.output_fs)
+    except FileNotFoundError:
+        return None
+    return ShardReport.from_bytes(data)

@@ -46,6 +46,7 @@ from curator_assets.formats.report import (
     ImageInfo,
     Problem,
     ShardReport,
+    read_report,
     resolve_severities,
     summarize,
 )
@@ -394,27 +395,6 @@ def unreadable_report(shard: str | None, detail: str, severities: Mapping[str, s
     """The report of a shard that could not be read at all (one ``shard_unreadable`` problem)."""
     level = resolve_severities(severities)["shard_unreadable"]
     return ShardReport(shard=shard, problems=[Problem("shard_unreadable", level, None, None, detail)])
-
-
-REPORT_KIND = "validation"
-REPORT_SUFFIX = ".json"
-
-
-def write_report(dataset, report: ShardReport) -> str:
-    """Write the report through the dataset's output location (atomically); returns its URL."""
-    if report.key is None:
-        raise ValueError("a report written to a dataset needs the shard's key")
-    return dataset.write_output(REPORT_KIND, report.key, REPORT_SUFFIX, report.to_bytes())
-
-
-def read_report(dataset, key: str) -> ShardReport | None:
-    """The stored report of shard ``key``, or None when it has not been validated."""
-    path = dataset.output_path(REPORT_KIND, key, REPORT_SUFFIX)
-    try:
-        data = dataset.read_bytes(path, fs=dataset.output_fs)
-    except FileNotFoundError:
-        return None
-    return ShardReport.from_bytes(data)
 
 
 def summarize_dataset(dataset) -> DatasetSummary:

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 from curator_assets.formats import schema
 from curator_assets.formats.idx import (
@@ -69,6 +69,38 @@ _JSON_WORDS = [_pack(w) for w in JSON_EXTS]
 _TEXT_WORDS = [_pack(w) for w in TEXT_EXTS]
 
 
+class _Names(NamedTuple):
+    """The regular files of a shard, by their names (arrays over files unless said otherwise)."""
+    files: Any  # header numbers of the regular files
+    fnames: Any  # their names, one row of bytes each (``width`` columns)
+    f_in: Any  # which columns of a row are in the name
+    f_len: Any
+    width: int
+    col: Any
+    first_dot: Any
+    last_dot: Any
+    starts: Any  # True where a record starts
+    record_of: Any  # record number of each file
+    key_list: list[bytes]  # the record IDs
+    name_list: list[bytes]  # the member names
+
+
+class _Kinds(NamedTuple):
+    is_image: Any
+    is_jpeg: Any
+    is_json: Any
+    is_text: Any
+
+
+class _Jpegs(NamedTuple):
+    img: Any  # file numbers of the images
+    width: Any
+    height: Any
+    comps: Any
+    sof: Any
+    suspects: list[int]  # file numbers the vectorised walk could not clear
+
+
 def fast_validate(
     fd: int,
     read_at: Callable[[int, int], bytes],
@@ -81,8 +113,8 @@ def fast_validate(
     max_pixels: int,
     levels: Mapping[str, str],
 ) -> ShardReport | None:
-    import numpy as np
-
+    """The report of a shard this pass proves clean, or None: each piece below answers None for
+    "not proven clean", and the precise pass then gives the one report."""
     # 1. The header chain, as rows of [the block before a header | the header | the first
     # bytes of the member's data]; the last row is the end-of-archive block's.
     rows = _rows_from_index(fd, index_bytes, total_size) if index_bytes else None
@@ -95,13 +127,46 @@ def fast_validate(
     if n == 0:
         return None
     hdr = table[:n, BLOCK : 2 * BLOCK]
+    offsets = header_at[:n] + BLOCK
+    is_dir = _clean_headers(hdr, size_arr) if _zero_tail(fd, int(header_at[-1]) + 2 * BLOCK, total_size) else None
+    if is_dir is None:
+        return None  # members after the end blocks (a hole), or bytes there: the precise pass says which
+    names = _record_names(hdr, is_dir)
+    kinds = names and _kinds(names)
+    if kinds is None:
+        return None
+
+    out = Collector(levels)
+    report = ShardReport(shard=shard, key=key, bytes=total_size, max_pixels=max_pixels, members=n,
+                         records=len(names.key_list), record_ids=list(map(bytes.decode, names.key_list)))
+    # 4. The index: byte for byte what this tar produces, or the precise pass explains why not.
+    if index_bytes is None:
+        report.index = "missing"
+        if expect_index:
+            out.add("idx_missing", "no .idx beside the shard: readers must scan the whole tar first")
+    elif _index_matches(index_bytes, index_tokens, names, offsets, size_arr):
+        report.index = "fresh"
+    else:
+        return None
+
     head_of = table[:n, 2 * BLOCK :]
     block_before_next = table[1:, :BLOCK]
-    offsets = header_at[:n] + BLOCK
+    jpegs = _jpeg_headers(names, kinds, head_of, block_before_next, size_arr, max_pixels)
+    suspects = [(i, "image") for i in jpegs.suspects]
+    suspects += _side_file_suspects(names, kinds, size_arr, starts_in_buf, buf)
+    images = _precise_checks(suspects, names, kinds, offsets, size_arr, report.record_ids, read_at, max_pixels, out)
+    report.images = _image_facts(jpegs, names, report.record_ids, images)
+    report.problems = out.problems
+    return report
 
-    # 2. Headers: ustar/GNU magic, plain files or directories, octal fields, checksums. A
-    # vectorised form of tar_members' rules for the common case only: whatever it cannot prove
-    # clean is judged by the scanner (tar_members.check_header) in the precise pass.
+
+def _clean_headers(hdr, size_arr):
+    """2. Headers: ustar/GNU magic, plain files or directories, octal fields, checksums. A
+    vectorised form of tar_members' rules for the common case only: whatever it cannot prove
+    clean is judged by the scanner (tar_members.check_header) in the precise pass. Returns which
+    headers are directories, or None."""
+    import numpy as np
+
     if not (hdr[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all():
         return None
     version = hdr[:, 262]
@@ -117,8 +182,6 @@ def fast_validate(
     numeric = np.concatenate([hdr[:, 100:124], hdr[:, 136:148]], 1)
     if not (((numeric >= 48) & (numeric <= 55)) | (numeric == 0) | (numeric == 32)).all():
         return None
-    if not _zero_tail(fd, int(header_at[-1]) + 2 * BLOCK, total_size):
-        return None  # members after the end blocks (a hole), or bytes there: the precise pass says which
     digits = hdr[:, 124:135]
     if not ((digits >= 48) & (digits <= 55)).all():
         return None
@@ -131,8 +194,14 @@ def fast_validate(
         return None
     if ((version == 0) & (hdr[:, 345] != 0)).any():  # a POSIX name prefix
         return None
+    return is_dir
 
-    # 3. Names: printable ASCII without spaces; every file a component with a plain key.
+
+def _record_names(hdr, is_dir) -> _Names | None:
+    """3. Names: printable ASCII without spaces; every file a component with a plain key; records
+    neither duplicated nor split; no extensions that differ only in case."""
+    import numpy as np
+
     if (hdr[:, 99] != 0).any():
         return None  # a name filling all 100 bytes: rare, left to the precise pass
     length = (hdr[:, :100] == 0).argmax(1)
@@ -182,46 +251,48 @@ def fast_validate(
         lowered = (fnames * f_in + upper * np.uint8(32)).view(f"S{width}").ravel().tolist()
         if len(set(lowered)) != len(lowered):
             return None
-    n_records = len(key_list)
+    return _Names(files, fnames, f_in, f_len, width, col, first_dot, last_dot, starts, record_of, key_list,
+                  name_list)
 
-    # Kinds, by the last suffix, lower-cased; a record needs an image extension as its full extension.
-    take = np.minimum(last_dot[:, None] + 1 + np.arange(8), width - 1)
-    suffix = np.take_along_axis(fnames, take, 1)
-    suffix = np.where(take < f_len[:, None], suffix, 0)
+
+def _kinds(nm: _Names) -> _Kinds | None:
+    """Kinds, by the last suffix, lower-cased; a record needs an image extension as its full extension."""
+    import numpy as np
+
+    take = np.minimum(nm.last_dot[:, None] + 1 + np.arange(8), nm.width - 1)
+    suffix = np.take_along_axis(nm.fnames, take, 1)
+    suffix = np.where(take < nm.f_len[:, None], suffix, 0)
     suffix = suffix | (((suffix >= 65) & (suffix <= 90)) * np.uint8(32))
     words = np.ascontiguousarray(suffix).view(np.uint64).ravel()
-    short = (f_len - last_dot - 1) <= 8
+    short = (nm.f_len - nm.last_dot - 1) <= 8
     is_image = np.isin(words, _IMAGE_WORDS) & short
-    is_jpeg = np.isin(words, _JPEG_WORDS) & short
-    is_json = np.isin(words, _JSON_WORDS) & short
-    is_text = np.isin(words, _TEXT_WORDS) & short
-    has_image = np.zeros(n_records, bool)
-    has_image[record_of[is_image & (first_dot == last_dot)]] = True
+    has_image = np.zeros(len(nm.key_list), bool)
+    has_image[nm.record_of[is_image & (nm.first_dot == nm.last_dot)]] = True
     if not has_image.all():
         return None  # missing_image is reported by the precise pass
+    return _Kinds(is_image, np.isin(words, _JPEG_WORDS) & short, np.isin(words, _JSON_WORDS) & short,
+                  np.isin(words, _TEXT_WORDS) & short)
 
-    out = Collector(levels)
-    report = ShardReport(shard=shard, key=key, bytes=total_size, max_pixels=max_pixels, members=n,
-                         records=n_records, record_ids=list(map(bytes.decode, key_list)))
 
-    # 4. The index: byte for byte what this tar produces, or the precise pass explains why not.
-    if index_bytes is None:
-        report.index = "missing"
-        if expect_index:
-            out.add("idx_missing", "no .idx beside the shard: readers must scan the whole tar first")
-    else:
-        take = np.minimum(first_dot[:, None] + 1 + np.arange(16), width - 1)
-        ext = np.where(take < f_len[:, None], np.take_along_axis(fnames, take, 1), 0)
-        ext_list = np.ascontiguousarray(ext).view("S16").ravel().tolist()
-        per_record = np.diff(np.append(np.flatnonzero(starts), files.size))
-        if not is_index_of_fields(index_bytes, index_tokens, ext_list, offsets[files], size_arr[files], name_list,
-                               (f_len - first_dot - 1) + f_len, per_record):
-            return None
-        report.index = "fresh"
+def _index_matches(index_bytes: bytes, index_tokens, nm: _Names, offsets, size_arr) -> bool:
+    """Whether the .idx is byte for byte what this tar produces."""
+    import numpy as np
 
-    # 5. JPEG headers: walk the markers of every image at once, up to its frame header.
-    suspects: list[tuple[int, str]] = []  # (file number, kind) for the precise checks
-    img = np.flatnonzero(is_image)
+    take = np.minimum(nm.first_dot[:, None] + 1 + np.arange(16), nm.width - 1)
+    ext = np.where(take < nm.f_len[:, None], np.take_along_axis(nm.fnames, take, 1), 0)
+    ext_list = np.ascontiguousarray(ext).view("S16").ravel().tolist()
+    per_record = np.diff(np.append(np.flatnonzero(nm.starts), nm.files.size))
+    return is_index_of_fields(index_bytes, index_tokens, ext_list, offsets[nm.files], size_arr[nm.files],
+                              nm.name_list, (nm.f_len - nm.first_dot - 1) + nm.f_len, per_record)
+
+
+def _jpeg_headers(nm: _Names, kinds: _Kinds, head_of, block_before_next, size_arr, max_pixels: int) -> _Jpegs:
+    """5. JPEG headers: walk the markers of every image at once, up to its frame header; then the
+    end-of-image marker. The hot loop runs at most 32 times per shard, over all images at once."""
+    import numpy as np
+
+    files = nm.files
+    img = np.flatnonzero(kinds.is_image)
     head = head_of[files[img]]
     img_size = size_arr[files[img]]
     room = np.minimum(img_size, _FAST_HEAD)
@@ -268,52 +339,66 @@ def fast_validate(
     safe = np.where(tail_ok, end_in_block, 2)
     tail_ok &= (last[rows, safe - 2] == 0xFF) & (last[rows, safe - 1] == 0xD9)
     suspect |= ~tail_ok
-    suspects += [(int(img[i]), "image") for i in np.flatnonzero(suspect)]
+    return _Jpegs(img, width, height, comps, sof, [int(img[i]) for i in np.flatnonzero(suspect)])
 
-    # 6. Side files: all JSON documents through one decoder call each, all texts in one decode.
-    for kind, which in (("json", np.flatnonzero(is_json)), ("text", np.flatnonzero(is_text))):
+
+def _side_file_suspects(nm: _Names, kinds: _Kinds, size_arr, starts_in_buf, buf) -> list[tuple[int, str]]:
+    """6. Side files: all JSON documents through one decoder call each, all texts in one decode."""
+    import numpy as np
+
+    suspects: list[tuple[int, str]] = []
+    for kind, which in (("json", np.flatnonzero(kinds.is_json)), ("text", np.flatnonzero(kinds.is_text))):
         if which.size == 0:
             continue
-        w_size = size_arr[files[which]]
+        w_size = size_arr[nm.files[which]]
         inline = w_size <= _FAST_HEAD
         suspects += [(int(i), kind) for i in which[~inline]]
         which, w_size = which[inline], w_size[inline]
-        starts_at = (starts_in_buf[files[which]] + 2 * BLOCK).tolist()
+        starts_at = (starts_in_buf[nm.files[which]] + 2 * BLOCK).tolist()
         docs = [buf[a : a + s] for a, s in zip(starts_at, w_size.tolist(), strict=True)]
         bad = _side_suspects(kind, docs)
         suspects += [(int(which[i]), kind) for i in bad]
+    return suspects
 
-    # 7. The precise checks for whatever the vectorised ones could not clear, in tar order.
+
+def _precise_checks(suspects, nm: _Names, kinds: _Kinds, offsets, size_arr, record_ids: list[str], read_at,
+                    max_pixels: int, out: Collector) -> dict[int, ImageInfo | None]:
+    """7. The precise checks for whatever the vectorised ones could not clear, in tar order."""
     images: dict[int, ImageInfo | None] = {}
     window = Window(read_at)
-    record_ids = report.record_ids
     for i, kind in sorted(suspects):
-        member = Member(name_list[i].decode("ascii"), int(offsets[files[i]]) - BLOCK, int(offsets[files[i]]),
-                        int(size_arr[files[i]]), "0")
-        rid = record_ids[record_of[i]]
+        at = int(offsets[nm.files[i]])
+        member = Member(nm.name_list[i].decode("ascii"), at - BLOCK, at, int(size_arr[nm.files[i]]), "0")
+        rid = record_ids[nm.record_of[i]]
         if kind == "image":
-            images[i] = check_image_member(window, rid, member, max_pixels, out, jpeg=bool(is_jpeg[i]))
+            images[i] = check_image_member(window, rid, member, max_pixels, out, jpeg=bool(kinds.is_jpeg[i]))
         else:
             check_side(kind, window.get(member.offset, member.size), rid, member.name, out)
+    return images
 
-    # Image facts, built column-wise: one C-level constructor call per image.
-    modes = {c: JPEG_MODES.get(c, f"{c} components") for c in set(comps.tolist())}
-    names_of = np.array(name_list, dtype=object)[img] if n_img else []
-    ids_of = np.array(record_ids, dtype=object)[record_of[img]] if n_img else []
-    sof_list = sof.tolist()
-    report.images = ImageColumns(
-        ids_of.tolist() if n_img else [], list(map(bytes.decode, names_of)), width.tolist(), height.tolist(),
-        [modes[c] for c in comps.tolist()], [m in PROGRESSIVE_SOF for m in sof_list],
+
+def _image_facts(jp: _Jpegs, nm: _Names, record_ids: list[str], images: dict[int, ImageInfo | None]):
+    """Image facts, built column-wise: one C-level constructor call per image; the precisely
+    checked ones replaced by their facts (or dropped when the header is unreadable)."""
+    import numpy as np
+
+    img, n_img = jp.img, jp.img.size
+    modes = {c: JPEG_MODES.get(c, f"{c} components") for c in set(jp.comps.tolist())}
+    names_of = np.array(nm.name_list, dtype=object)[img] if n_img else []
+    ids_of = np.array(record_ids, dtype=object)[nm.record_of[img]] if n_img else []
+    sof_list = jp.sof.tolist()
+    facts = ImageColumns(
+        ids_of.tolist() if n_img else [], list(map(bytes.decode, names_of)), jp.width.tolist(), jp.height.tolist(),
+        [modes[c] for c in jp.comps.tolist()], [m in PROGRESSIVE_SOF for m in sof_list],
         [SOF_PROCESS.get(m, "") for m in sof_list],
     )
-    if images:  # the precisely checked ones: their facts, or none when the header is unreadable
-        where = {i: n for n, i in enumerate(img.tolist())}
-        merged: list[ImageInfo | None] = list(report.images)
-        for i, info in images.items():
-            merged[where[i]] = info
-        report.images = [info for info in merged if info is not None]
-    report.problems = out.problems
-    return report
+    if not images:
+        return facts
+    where = {i: n for n, i in enumerate(img.tolist())}
+    merged: list[ImageInfo | None] = list(facts)
+    for i, info in images.items():
+        merged[where[i]] = info
+    return [info for info in merged if info is not None]
 
 
 def _zero_tail(fd: int, start: int, total_size: int) -> bool:

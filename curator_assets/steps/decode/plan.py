@@ -219,7 +219,7 @@ def _check_index(dataset, shard, raw: bytes, scan, records, problems: list[str])
 
 
 def _stored_report(dataset, key: str, plan: ShardPlan):
-    from curator_assets.steps.validate import read_report
+    from curator_assets.formats.report import read_report
 
     try:
         return read_report(dataset, key)
