@@ -1,0 +1,290 @@
+"""The input side of export: which shards there are, and what each record of one shard is worth.
+
+Every shard becomes a :class:`SourcePlan`: its records in tar order, each with its members
+(name, data offset, size), the sha256 and size of its image, and why it is left out (None when
+it passes). The verdicts come from the shard's validation report and decode manifest under the
+dataset's output location when they describe the tar as it is now; otherwise the shard is
+validated and decoded here, through the same public functions (nothing is written beside the
+source: a read-only bucket exports as well as a local folder).
+
+Compressed shards (recognised by their bytes, whatever their name) and shards listed under a
+compressed name are first spooled, streamed, into a plain tar in a local work folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from curator_assets.compressed import SNIFF_BYTES, CompressedInputError, compression_of, spool_plain
+from curator_assets.storage import COMPRESSED_SUFFIXES, Dataset, StorageError, compressed_kind
+from curator_assets.summary import error_code
+from curator_assets.tar_members import Record, group_records, scan_tar
+from curator_assets.validation import ERROR, INFO, RECORD_CODES, ShardReport, read_report, validate_shard
+
+PLAN_VERSION = 1
+# Record-ID problems that leave every record with that ID out: written again, they would give a
+# reader two samples with one ID, or an index line it cannot parse.
+ID_CODES = frozenset({"bad_record_id", "duplicate_record_id", "split_record"})
+
+
+class SourceRecord(NamedTuple):
+    position: int  # in the tar, as DALI and webdataset count records
+    key: str
+    members: tuple[tuple[str, int, int], ...]  # (name, data offset, size), in tar order
+    sha256: str | None  # of the image member's bytes
+    width: int | None
+    height: int | None
+    decoded: bool
+    reason: str | None  # "validation:<code>" or "decode:<code>"; None: it passes
+    detail: str | None  # the report's or the manifest's words for the reason
+    image: int | None = None  # which member is the image (its sha256 is checked as it is copied)
+
+
+class Source(NamedTuple):
+    """One input shard: read in place from the dataset (``spool`` None), or from a local plain
+    tar that its bytes are spooled into first."""
+
+    key: str
+    url: str
+    path: str  # the store path of the file
+    fingerprint: str
+    size: int
+    named_compressed: bool  # listed under a compressed name (.tar.gz ...): always spooled
+
+
+class SourcePlan(NamedTuple):
+    key: str
+    url: str
+    fingerprint: str
+    compression: str | None  # what the file's bytes are (None: a plain tar)
+    records: list[SourceRecord]
+    notes: list[str]  # shard-level problems (a truncated tar, ...): its readable records still go out
+    error: str | None  # why nothing of the shard can be exported (no tar at all, unreadable)
+
+    def to_bytes(self) -> bytes:
+        body = {"version": PLAN_VERSION, "key": self.key, "url": self.url, "fingerprint": self.fingerprint,
+                "compression": self.compression, "notes": self.notes, "error": self.error,
+                "records": [list(r) for r in self.records]}
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SourcePlan | None:
+        d = json.loads(data.decode("utf-8", "surrogateescape"))
+        if d.get("version") != PLAN_VERSION:
+            return None
+        records = [SourceRecord(r[0], r[1], tuple(tuple(m) for m in r[2]), *r[3:]) for r in d["records"]]
+        return cls(d["key"], d["url"], d["fingerprint"], d["compression"], records, d["notes"], d["error"])
+
+
+# -- listing -------------------------------------------------------------------------------------
+
+
+def list_sources(dataset: Dataset) -> tuple[list[Source], list[str]]:
+    """Every shard of ``dataset`` (plain tars, and files with a compressed name), sorted by key,
+    and the one-line errors of paths that cannot be shards."""
+    listing = dataset.list_shards()
+    sources = [Source(s.key, s.url, s.path, s.fingerprint, s.size, False) for s in listing.shards]
+    errors: list[str] = []
+    taken = {s.key for s in sources}
+    for url, why in listing.rejected:
+        kind = compressed_kind(url)
+        source = _compressed_source(dataset, url) if kind else None
+        if source is None:
+            errors.append(why if url in why else f"{url}: {why}")
+        elif source.key in taken:
+            errors.append(f"{url}: shard key {source.key!r} is also used by another shard; rename one")
+        else:
+            taken.add(source.key)
+            sources.append(source)
+    sources.sort(key=lambda s: s.key)
+    return sources, errors
+
+
+def _compressed_source(dataset: Dataset, url: str) -> Source | None:
+    path = url.split("://", 1)[1] if "://" in url and not dataset.local else url
+    prefix = dataset.root.rstrip("/") + "/"
+    rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+    lower = rel.lower()
+    suffix = next((s for s in COMPRESSED_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None or not rel[: -len(suffix)]:
+        return None
+    try:
+        info = dataset.fs.info(path)
+    except (OSError, FileNotFoundError):
+        return None
+    from curator_assets.storage import fingerprint_of
+
+    return Source(rel[: -len(suffix)], url, path, fingerprint_of(info), int(info.get("size") or 0), True)
+
+
+# -- the plan of one shard -----------------------------------------------------------------------
+
+
+class Workspace:
+    """Local folders export works in: spooled plain tars, and an empty index folder (so that a
+    stale ``.idx`` beside a source cannot stop its records being read: export writes new ones)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.spool_root = os.path.join(root, "spool")
+        self.no_index = os.path.join(root, "no-index")
+        self.scratch = os.path.join(root, "scratch")
+        for folder in (self.spool_root, self.no_index, self.scratch):
+            os.makedirs(folder, exist_ok=True)
+
+    def spool_path(self, key: str) -> str:
+        return os.path.join(self.spool_root, key + ".tar")
+
+    def spool(self, dataset: Dataset, source: Source) -> str | None:
+        """The local plain tar of a spooled source (written once per export); its compression."""
+        path = self.spool_path(source.key)
+        kind_file = path + ".kind"
+        if os.path.exists(path) and os.path.exists(kind_file):
+            with open(kind_file) as f:
+                return f.read() or None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with dataset.open(source.path) as raw:
+            kind = compression_of(raw.read(SNIFF_BYTES))
+            raw.seek(0)
+            with open(path + ".part", "wb") as out:
+                if kind is None:
+                    _copy(raw, out)
+                else:
+                    spool_plain(raw, kind, out)
+        os.replace(path + ".part", path)
+        with open(kind_file, "w") as f:
+            f.write(kind or "")
+        return kind
+
+
+def _copy(src, dst, chunk: int = 1 << 20) -> None:
+    while True:
+        data = src.read(chunk)
+        if not data:
+            return
+        dst.write(data)
+
+
+def reading_view(dataset: Dataset, source: Source, work: Workspace, spooled: bool) -> Dataset:
+    """A dataset through which the source's records are read, validated and decoded: the source
+    dataset without its indexes, or the spool folder."""
+    if spooled:
+        return Dataset(work.spool_root, index_url=work.no_index, output_url=work.scratch)
+    return Dataset(dataset.url, dataset.storage_options, index_url=work.no_index, output_url=work.scratch)
+
+
+def needs_spool(dataset: Dataset, source: Source) -> bool:
+    if source.named_compressed:
+        return True
+    with dataset.open(source.path) as f:
+        return compression_of(f.read(SNIFF_BYTES)) is not None
+
+
+def plan_source(dataset: Dataset, source: Source, work: Workspace, decoder: Callable[[], Any],
+                max_pixels: int) -> SourcePlan:
+    """What every record of ``source`` is worth (see the module's docstring). Errors that leave
+    nothing to export are the plan's ``error``, never raised, except the store's own."""
+    kind = None
+    spooled = needs_spool(dataset, source)
+    if spooled:
+        try:
+            kind = work.spool(dataset, source)
+        except CompressedInputError as exc:
+            return SourcePlan(source.key, source.url, source.fingerprint, None, [], [], f"{source.url}: {exc}")
+    view = reading_view(dataset, source, work, spooled)
+    shard = view.shard(source.key)
+    with view.open_shard(source.key) as f:
+        scan = scan_tar(f, recover=True, total_size=shard.size)
+    records = group_records(scan.members)
+    notes = [f"{p.code}: {p.detail} (at byte {p.offset})" for p in scan.problems]
+    if not records:
+        why = scan.problems[0].detail if scan.problems else "a readable tar without a single record"
+        code = scan.problems[0].code if scan.problems else "no_records"
+        return SourcePlan(source.key, source.url, source.fingerprint, kind, [], notes,
+                          f"{source.url}: nothing to export: {why} ({code})")
+    report = None if spooled else _fresh_report(dataset, source)
+    if report is None:
+        report = validate_shard(view, source.key, max_pixels=max_pixels)
+    rows = None if spooled else _fresh_manifest(dataset, source.key, records)
+    if rows is None:
+        from curator_assets.decode import decode_shard
+
+        _result, manifest_rows = decode_shard(view, source.key, decoder=decoder(), write=False, report=report)
+        rows = [_row_facts(r) for r in manifest_rows]
+    out = [_source_record(n, rec, rows[n], shard.size) for n, rec in enumerate(records)]
+    out = _apply_report(out, report)
+    return SourcePlan(source.key, source.url, source.fingerprint, kind, out, notes, None)
+
+
+def _fresh_report(dataset: Dataset, source: Source) -> ShardReport | None:
+    try:
+        report = read_report(dataset, source.key)
+    except (OSError, ValueError, KeyError):
+        return None
+    return report if report is not None and report.describes(source.fingerprint) else None
+
+
+_MANIFEST_COLUMNS = ["record_id", "member", "offset", "sha256", "width", "height", "decoded", "error"]
+
+
+def _fresh_manifest(dataset: Dataset, key: str, records: list[Record]) -> list[tuple] | None:
+    """The rows of the shard's stored decode manifest when they describe these records (same
+    IDs in the same order, each image at its offset), else None: decode it again."""
+    from curator_assets.manifest import read_manifest
+
+    try:
+        table = read_manifest(dataset, key).select(_MANIFEST_COLUMNS)
+    except (OSError, ValueError, KeyError, StorageError):
+        return None
+    cols = table.to_pydict()
+    if cols["record_id"] != [r.key for r in records]:
+        return None
+    for rec, member, offset in zip(records, cols["member"], cols["offset"], strict=True):
+        if member is not None and not any(m.name == member and m.offset == offset for _e, m in rec.components):
+            return None
+    return list(zip(cols["member"], cols["sha256"], cols["width"], cols["height"], cols["decoded"], cols["error"],
+                    strict=True))
+
+
+def _row_facts(row) -> tuple:
+    return (row.member, row.sha256, row.width, row.height, row.decoded, row.error)
+
+
+def _source_record(position: int, rec: Record, facts: tuple, size: int) -> SourceRecord:
+    member, sha256, width, height, decoded, error = facts
+    members = tuple((m.name, m.offset, m.size) for _ext, m in rec.components)
+    image = next((i for i, (name, _o, _s) in enumerate(members) if name == member), None)
+    reason = detail = None
+    if any(off + n > size for _name, off, n in members):
+        reason, detail = "validation:tar_truncated", "a member's data runs past the end of the shard"
+    elif not decoded:
+        reason, detail = f"decode:{error_code(error)}", error
+    return SourceRecord(position, rec.key, members, sha256, width, height, bool(decoded), reason, detail, image)
+
+
+def _apply_report(records: list[SourceRecord], report: ShardReport) -> list[SourceRecord]:
+    """Leave out the records the validation report flags: record-level problems (not info) and
+    record-ID problems; a verdict about the bytes (tar_truncated) found here stands first."""
+    flagged: dict[str, tuple[str, str]] = {}
+    for p in report.problems:
+        if p.record_id is None or p.record_id in flagged:
+            continue
+        if (p.code in RECORD_CODES and p.severity != INFO) or (p.code in ID_CODES and p.severity == ERROR):
+            flagged[p.record_id] = (p.code, p.detail)
+    out = []
+    for r in records:
+        hit = flagged.get(r.key)
+        if hit is not None and (r.reason is None or r.reason.startswith("decode:")):
+            r = r._replace(reason=f"validation:{hit[0]}", detail=hit[1])
+        out.append(r)
+    return out
+
+
+def readable(record: SourceRecord) -> bool:
+    """Whether every byte of the record can be read (what --include-failed may keep)."""
+    return record.reason is None or record.reason.startswith("decode:")
+
