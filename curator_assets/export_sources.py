@@ -128,13 +128,34 @@ class Workspace:
     """Local folders export works in: spooled plain tars, and an empty index folder (so that a
     stale ``.idx`` beside a source cannot stop its records being read: export writes new ones)."""
 
-    def __init__(self, root: str):
-        self.root = root
-        self.spool_root = os.path.join(root, "spool")
-        self.no_index = os.path.join(root, "no-index")
-        self.scratch = os.path.join(root, "scratch")
-        for folder in (self.spool_root, self.no_index, self.scratch):
-            os.makedirs(folder, exist_ok=True)
+    def __init__(self, root: Callable[[], str]):
+        self._make_root = root
+        self._root: str | None = None
+
+    @property
+    def root(self) -> str:
+        """Made on first use: a run with nothing to read creates nothing."""
+        if self._root is None:
+            self._root = self._make_root()
+            for folder in (self.spool_root, self.no_index, self.scratch):
+                os.makedirs(folder, exist_ok=True)
+        return self._root
+
+    @property
+    def created(self) -> bool:
+        return self._root is not None
+
+    @property
+    def spool_root(self) -> str:
+        return os.path.join(self.root, "spool")
+
+    @property
+    def no_index(self) -> str:
+        return os.path.join(self.root, "no-index")
+
+    @property
+    def scratch(self) -> str:
+        return os.path.join(self.root, "scratch")
 
     def spool_path(self, key: str) -> str:
         return os.path.join(self.spool_root, key + ".tar")
