@@ -160,9 +160,9 @@ def test_indexes_are_byte_identical_to_wds2idx_and_dali_reads_them(exported) -> 
         idx = tar_path.with_suffix(".idx")
         assert idx.read_bytes() == wds2idx(tar_path), tar_path.name
         expected = [(k, dict(c)) for k, c in records_of(tar_path)]
-        samples = dali_read_all(tar_path, idx, ["jpg;JPG;jpeg"])
+        samples = dali_read_all(tar_path, idx, ["jpg;JPG;jpeg", "txt;Txt"])
         assert len(samples) == len(expected)
-        for (source, (image,)), (key, comps) in zip(samples, expected, strict=True):
+        for (source, (image, _txt)), (key, comps) in zip(samples, expected, strict=True):
             name = source.rsplit(":", 1)[-1]
             assert name.startswith(key + ".") and image == comps[name]
 
@@ -199,7 +199,7 @@ def test_exports_are_deterministic_and_shuffle_is_seeded(corpus, exported, tmp_p
     dst, _ = exported
     again = tmp_path / "again"
     export_dataset(str(corpus), str(again), ExportOptions(records_per_shard=4))
-    names = sorted(p.name for p in dst.iterdir() if p.is_file())
+    names = sorted(p.name for p in dst.iterdir() if p.suffix in (".tar", ".idx", ".parquet"))
     assert names == sorted(p.name for p in again.iterdir() if p.is_file())
     assert all((dst / n).read_bytes() == (again / n).read_bytes() for n in names)
     orders = []
@@ -252,7 +252,8 @@ def test_stored_validation_reports_are_used(tmp_path, photos) -> None:
     src = tmp_path / "src"
     jpg = photos[0].jpg + b"trailer"
     malformed.write_tar(src / "00000.tar", [("a.jpg", jpg), ("b.jpg", photos[1].jpg)])
-    assert cli_main(["validate", str(src), "--write-report", "--severity", "jpeg_trailing_data=warning"]) == 1
+    assert cli_main(["validate", str(src), "--write-report", "--severity", "jpeg_trailing_data=warning"]) == 0
+    assert (src / "_curator" / "validation" / "00000.json").exists()
     export_dataset(str(src), str(tmp_path / "dst"), ExportOptions())
     rows = {r["source_key"]: r for r in manifest(tmp_path / "dst")}
     assert rows["a"]["reason"] == "validation:jpeg_trailing_data" and rows["b"]["reason"] is None
@@ -278,8 +279,10 @@ def test_damaged_shards_give_up_their_readable_records(damaged, capsys) -> None:
     cases, src, dst, result = damaged
     rows = manifest(dst)
     per_shard = Counter(r["source_shard"] for r in rows)
+    cut = Counter(r["source_shard"] for r in rows if r["reason"] == "validation:tar_truncated")
     for case in cases:
-        assert per_shard.get(case.name, 0) == case.records, case.name
+        # a record whose last member the tar cuts short is in the manifest too, left out as tar_truncated
+        assert per_shard[case.name] - cut[case.name] <= case.records <= per_shard[case.name], case.name
         if case.records == 0:
             assert any(case.name in e for e in result.errors), case.name
     assert len(result.errors) == sum(1 for c in cases if c.records == 0)
@@ -292,7 +295,7 @@ def test_damaged_shards_give_up_their_readable_records(damaged, capsys) -> None:
     for tar_path in sorted(dst.glob("*.tar")):
         assert tar_path.with_suffix(".idx").read_bytes() == wds2idx(tar_path)
         report = validate_shard(Dataset(str(dst)), tar_path.stem)
-        assert report.problems == [], report.problems
+        assert [p for p in report.problems if p.severity != "info"] == [], report.problems  # info: complete JPEGs
     for _key, comps in (rc for t in sorted(dst.glob("*.tar")) for rc in records_of(t)):
         image = next((d for n, d in comps if n.lower().endswith((".jpg", ".jpeg", ".png"))), None)
         assert image is not None
@@ -383,6 +386,7 @@ def test_a_killed_export_resumes_without_rewriting_finished_shards(corpus, expor
     assert names == sorted(p.name for p in dst.iterdir() if p.is_file())
     assert all((dst / n).read_bytes() == (clean / n).read_bytes() for n in names)
     import json
+
 
     recorded = json.loads((dst / ".export" / "state.json").read_bytes())["shards"]
     assert len(recorded) == len(list(clean.glob("*.tar")))
