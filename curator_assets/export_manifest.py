@@ -59,3 +59,24 @@ def manifest_bytes(plans, planned, out_shard: dict) -> bytes:
     buf = io.BytesIO()
     pq.write_table(manifest_table(plans, planned, out_shard), buf, compression="zstd")
     return buf.getvalue()
+
+
+def outcome_picture(kept: int, left_out: dict[str, int]) -> bytes:
+    """PNG: records kept and left out, by reason (a horizontal bar each), for the asset's metadata."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: the picture goes into metadata
+    import matplotlib.pyplot as plt
+
+    labels = ["kept", *left_out]
+    values = [kept, *left_out.values()]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(labels)))
+    bars = ax.barh(labels[::-1], values[::-1], color=["#c0504d"] * len(left_out) + ["#4f81bd"])
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("records")
+    ax.set_title("export: records kept and left out")
+    ax.margins(x=0.15)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -393,3 +393,34 @@ def test_a_killed_export_resumes_without_rewriting_finished_shards(corpus, expor
     rewritten = [n for n, ino in done.items() if (dst / n).stat().st_ino != ino]
     assert len(rewritten) <= 1, rewritten  # at most the shard renamed in the instant before the kill
     assert not list(dst.glob(".curator-tmp-*"))
+
+
+# -- the Dagster asset ---------------------------------------------------------------------------
+
+
+def test_curated_shards_asset_shows_counts_and_a_picture(corpus, exported, tmp_path) -> None:
+    import dagster as dg
+
+    from curator_assets.definitions import build_definitions
+    from curator_assets.defs.export_assets import curated_shards
+    from curator_assets.defs.resources import ShardStorage
+
+    dst, first = exported
+    src = tmp_path / "src"
+    shutil.copytree(corpus, src)
+    storage = ShardStorage(dataset_url=str(src))
+    defs = build_definitions(storage)
+    spec = defs.resolve_asset_graph().get(dg.AssetKey("curated_shards"))
+    assert spec.group_name == "dataset" and spec.automation_condition is None
+    assert {k.path[-1] for k in spec.parent_keys} == {"decoded_images", "dataset_validation_summary",
+                                                      "dataset_decode_summary"}
+    with dg.instance_for_test() as instance:
+        config = {"ops": {"curated_shards": {"config": {"records_per_shard": 4}}}}
+        result = dg.materialize([curated_shards], resources={"storage": storage}, instance=instance,
+                                run_config=config, raise_on_error=True)
+        md = result.asset_materializations_for_node("curated_shards")[0].metadata
+    out = src / "_curator" / "curated"
+    assert md["kept"].value == first.kept and md["shards"].value == first.shards
+    assert md["left_out_by_reason"].value == {"duplicate": 1}
+    assert md["outcome"].value.startswith("![export](data:image/png;base64,")
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in dst.glob("*.tar"))
