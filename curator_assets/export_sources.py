@@ -13,6 +13,7 @@ compressed name are first spooled, streamed, into a plain tar in a local work fo
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -21,7 +22,6 @@ from typing import Any, NamedTuple
 
 from curator_assets.compressed import SNIFF_BYTES, CompressedInputError, compression_of, spool_plain
 from curator_assets.storage import COMPRESSED_SUFFIXES, Dataset, StorageError, compressed_kind
-from curator_assets.summary import error_code
 from curator_assets.tar_members import Record, group_records, scan_tar
 from curator_assets.validation import ERROR, INFO, RECORD_CODES, ShardReport, read_report, validate_shard
 
@@ -255,10 +255,13 @@ _MANIFEST_COLUMNS = ["record_id", "member", "offset", "sha256", "width", "height
 def _fresh_manifest(dataset: Dataset, key: str, records: list[Record]) -> list[tuple] | None:
     """The rows of the shard's stored decode manifest when they describe these records (same
     IDs in the same order, each image at its offset), else None: decode it again."""
-    from curator_assets.manifest import read_manifest
+    import pyarrow.parquet as pq  # ParquetFile, not read_table: that one imports pyarrow.dataset and pandas
+
+    from curator_assets.manifest import MANIFEST_KIND, MANIFEST_SUFFIX
 
     try:
-        table = read_manifest(dataset, key).select(_MANIFEST_COLUMNS)
+        data = dataset.read_bytes(dataset.output_path(MANIFEST_KIND, key, MANIFEST_SUFFIX), fs=dataset.output_fs)
+        table = pq.ParquetFile(io.BytesIO(data)).read(columns=_MANIFEST_COLUMNS)
     except (OSError, ValueError, KeyError, StorageError):
         return None
     cols = table.to_pydict()
@@ -283,6 +286,8 @@ def _source_record(position: int, rec: Record, facts: tuple, size: int) -> Sourc
     if any(off + n > size for _name, off, n in members):
         reason, detail = "validation:tar_truncated", "a member's data runs past the end of the shard"
     elif not decoded:
+        from curator_assets.summary import error_code  # numpy and pyarrow: only for a record that failed
+
         reason, detail = f"decode:{error_code(error)}", error
     return SourceRecord(position, rec.key, members, sha256, width, height, bool(decoded), reason, detail, image)
 

@@ -229,6 +229,24 @@ def test_added_shards_write_only_the_tail(corpus, exported, tmp_path, photos) ->
     assert result.kept == first.kept + 3
 
 
+def test_member_headers_are_what_tarfile_writes() -> None:
+    """The ustar fast path against tarfile's own PAX-format headers, names and sizes at every limit."""
+    import random
+    import string
+
+    from curator_assets.export import member_header
+
+    rng = random.Random(5)
+    names = ["a.jpg", "x" * 100, "x" * 101, "ü/日本.jpg", "a b.jpg", "a\x01b.jpg", "d" * 120 + "/k.jpg"]
+    alphabet = string.ascii_letters + "/._-"
+    names += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 110))) for _ in range(300)]
+    for name in names:
+        for size in (0, 1, 511, 8**11 - 1, 8**11, rng.randint(0, 10**9)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+            assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), name
+
+
 # -- options -------------------------------------------------------------------------------------
 
 
