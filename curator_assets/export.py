@@ -17,6 +17,7 @@ where it went, or why it was left out). See docs/export.md.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ from curator_assets.export_sources import (
     readable,
 )
 from curator_assets.index import format_lines
-from curator_assets.storage import Dataset, StorageError, atomic_file, url_protocol, write_atomic
+from curator_assets.storage import Dataset, StorageError, atomic_file, fingerprint_of, url_protocol, write_atomic
 from curator_assets.tar_members import BLOCK, split_key
 from curator_assets.validation import DEFAULT_MAX_PIXELS
 
@@ -257,48 +258,101 @@ class SourceFiles:
         self.files.clear()
 
 
+class TarSink:
+    """Writes an output tar through its file descriptor: headers and padding gathered and written
+    together, member data copied by the kernel from a local input (``copy_file_range``: the bytes
+    never enter this process), else read and written in chunks."""
+
+    def __init__(self, out):
+        out.flush()
+        self.fd = out.fileno()
+        self.pos = 0
+        self.pending: list[bytes] = []  # headers and padding not yet written
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    def put(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pos += len(data)
+
+    def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:512], self.pending[512:]
+            _write_all(self.fd, batch)
+
+    def copy(self, f, offset: int, size: int) -> None:
+        self.flush()
+        fd = _fileno(f)
+        done = self._kernel_copy(fd, offset, size) if fd is not None and self.kernel_copy else 0
+        if done < size:
+            self._read_copy(f, offset + done, size - done)
+        self.pos += size
+
+    def _kernel_copy(self, fd: int, offset: int, size: int) -> int:
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fd, self.fd, size - done, offset + done)
+                if n == 0:
+                    raise ExportError(f"input ended {size - done} bytes early at byte {offset + done}",
+                                      "source_changed")
+                done += n
+        except OSError as exc:  # another file system, or a kernel without it: copy by reading
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            self.kernel_copy = False
+        return done
+
+    def _read_copy(self, f, offset: int, size: int) -> None:
+        f.seek(offset)
+        left = size
+        while left:
+            data = f.read(min(left, COPY_CHUNK))
+            if not data:
+                raise ExportError(f"input ended {left} bytes early at byte {offset + size - left}", "source_changed")
+            _write_all(self.fd, [data])
+            left -= len(data)
+
+
+def _fileno(f) -> int | None:
+    try:
+        fd = f.fileno()
+        os.fstat(fd)
+        return fd
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    while buffers:
+        n = os.writev(fd, buffers)
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if n:
+            buffers = [buffers[0][n:], *buffers[1:]]
+
+
 def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]], files: SourceFiles
-              ) -> list[list[tuple[str, int, int, str]]]:
-    """Stream the records into ``out``; the index lines (ext, data offset, size, name) of each."""
-    pos = 0
+              ) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
+    """Stream the records into ``out``: its size, and the index lines (ext, data offset, size,
+    name) of each record."""
+    sink = TarSink(out)
     lines = []
     for p, r, key in entries:
         rec = plans[p].records[r]
         f = files.get(p)
         comps = []
-        for i, (name, offset, size) in enumerate(rec.members):
+        for name, offset, size in rec.members:
             out_name = key + name[len(rec.key):]
-            header = member_header(out_name, size)
-            out.write(header)
-            pos += len(header)
-            digest = _copy_range(f, offset, size, out, want_hash=(i == rec.image and rec.sha256 is not None))
-            if digest is not None and digest != rec.sha256:
-                raise ExportError(f"{plans[p].url}: record {rec.key!r} changed since it was planned "
-                                  "(its image's sha256 differs): run the export again", "source_changed")
-            comps.append((split_key(out_name)[1], pos, size, out_name))
-            pad = -size % BLOCK
-            out.write(_ZEROS[:pad])
-            pos += size + pad
+            sink.put(member_header(out_name, size))
+            comps.append((split_key(out_name)[1], sink.pos, size, out_name))
+            sink.copy(f, offset, size)
+            sink.put(_ZEROS[: -size % BLOCK])
         lines.append(comps)
     end = 2 * BLOCK
-    end += -(pos + end) % RECORD_SIZE
-    out.write(_ZEROS[:end])
-    return lines
-
-
-def _copy_range(f, offset: int, size: int, out, want_hash: bool) -> str | None:
-    h = hashlib.sha256() if want_hash else None
-    f.seek(offset)
-    left = size
-    while left:
-        data = f.read(min(left, COPY_CHUNK))
-        if not data:
-            raise ExportError(f"input ended {left} bytes early at byte {offset + size - left}", "source_changed")
-        out.write(data)
-        if h is not None:
-            h.update(data)
-        left -= len(data)
-    return h.hexdigest() if h is not None else None
+    sink.put(_ZEROS[: end + -(sink.pos + end) % RECORD_SIZE])
+    sink.flush()
+    return sink.pos, lines
 
 
 # -- the export as a whole -----------------------------------------------------------------------
@@ -469,8 +523,7 @@ class Exporter:
         files = SourceFiles(lambda p: self._open_source(plans[p]))
         try:
             with atomic_file(self.fs, self.path(name + ".tar")) as out:
-                lines = write_tar(out, plans, entries, files)
-                size = out.tell()
+                size, lines = write_tar(out, plans, entries, files)
         finally:
             files.close()
         idx = format_lines(lines)
@@ -481,7 +534,12 @@ class Exporter:
         return {"digest": digest, "size": size, "idx_size": len(idx), "records": len(entries)}
 
     def _open_source(self, plan: SourcePlan):
+        """The file a plan's records are copied from, once its source is proved unchanged since the
+        plan was made (its fingerprint: etag/generation, or mtime and size)."""
         source = next(s for s in self.sources if s.key == plan.key)
+        if fingerprint_of(self.src.fs.info(source.path)) != plan.fingerprint:
+            raise ExportError(f"{source.url}: changed while it was being exported; run the export again",
+                              "source_changed")
         if plan.compression is not None or source.named_compressed:
             self.work.spool(self.src, source)
             return open(self.work.spool_path(source.key), "rb")

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from curator_assets.compressed import SNIFF_BYTES, CompressedInputError, compression_of, spool_plain
 from curator_assets.storage import COMPRESSED_SUFFIXES, Dataset, StorageError, compressed_kind
-from curator_assets.tar_members import Record, group_records, scan_tar
+from curator_assets.tar_members import group_records, scan_tar
 from curator_assets.validation import ERROR, INFO, RECORD_CODES, ShardReport, read_report, validate_shard
 
 PLAN_VERSION = 1
@@ -218,16 +218,13 @@ def plan_source(dataset: Dataset, source: Source, work: Workspace, decoder: Call
             return SourcePlan(source.key, source.url, source.fingerprint, None, [], [], f"{source.url}: {exc}")
     view = reading_view(dataset, source, work, spooled)
     shard = view.shard(source.key)
-    with view.open_shard(source.key) as f:
-        scan = scan_tar(f, recover=True, total_size=shard.size)
-    records = group_records(scan.members)
-    notes = [f"{p.code}: {p.detail} (at byte {p.offset})" for p in scan.problems]
-    if not records:
-        why = scan.problems[0].detail if scan.problems else "a readable tar without a single record"
-        code = scan.problems[0].code if scan.problems else "no_records"
-        return SourcePlan(source.key, source.url, source.fingerprint, kind, [], notes,
-                          f"{source.url}: nothing to export: {why} ({code})")
     report = None if spooled else _fresh_report(dataset, source)
+    records = None if report is None else _records_from_index(dataset, source.key, report)
+    notes: list[str] = []
+    if records is None:
+        records, notes, error = _records_from_scan(view, source, shard.size)
+        if error:
+            return SourcePlan(source.key, source.url, source.fingerprint, kind, [], notes, error)
     if report is None:
         report = validate_shard(view, source.key, max_pixels=max_pixels)
     rows = None if spooled else _fresh_manifest(dataset, source.key, records)
@@ -241,6 +238,44 @@ def plan_source(dataset: Dataset, source: Source, work: Workspace, decoder: Call
     return SourcePlan(source.key, source.url, source.fingerprint, kind, out, notes, None)
 
 
+Members = tuple[tuple[str, int, int], ...]  # (name, data offset, size) of a record's members
+
+
+def _records_from_scan(view: Dataset, source: Source, size: int) -> tuple[list[tuple[str, Members]], list[str],
+                                                                          str | None]:
+    """(records, shard-level notes, why nothing can be exported) from a recovering header scan."""
+    with view.open_shard(source.key) as f:
+        scan = scan_tar(f, recover=True, total_size=size)
+    records = [(r.key, tuple((m.name, m.offset, m.size) for _e, m in r.components))
+               for r in group_records(scan.members)]
+    notes = [f"{p.code}: {p.detail} (at byte {p.offset})" for p in scan.problems]
+    if records:
+        return records, notes, None
+    why = scan.problems[0].detail if scan.problems else "a readable tar without a single record"
+    code = scan.problems[0].code if scan.problems else "no_records"
+    return records, notes, f"{source.url}: nothing to export: {why} ({code})"
+
+
+def _records_from_index(dataset: Dataset, key: str, report: ShardReport) -> list[tuple[str, Members]] | None:
+    """The records as the shard's ``.idx`` lists them, when the fresh validation report found that
+    index exact (and it is unchanged since) and the tar whole: no header scan needed."""
+    from curator_assets.index import IndexFormatError, parse_index
+    from curator_assets.storage import fingerprint_of
+
+    if report.index != "fresh" or any(p.code.startswith("tar_") for p in report.problems):
+        return None
+    info = dataset.index_info(key)
+    if info is None or fingerprint_of(info) != report.index_fingerprint:
+        return None
+    try:
+        index = parse_index(dataset.read_index_bytes(key) or b"")
+    except IndexFormatError:
+        return None
+    if not index.has_names:
+        return None
+    return [(rec.key, tuple((c.name, c.offset, c.size) for c in rec.components)) for rec in index.records]
+
+
 def _fresh_report(dataset: Dataset, source: Source) -> ShardReport | None:
     try:
         report = read_report(dataset, source.key)
@@ -252,7 +287,7 @@ def _fresh_report(dataset: Dataset, source: Source) -> ShardReport | None:
 _MANIFEST_COLUMNS = ["record_id", "member", "offset", "sha256", "width", "height", "decoded", "error"]
 
 
-def _fresh_manifest(dataset: Dataset, key: str, records: list[Record]) -> list[tuple] | None:
+def _fresh_manifest(dataset: Dataset, key: str, records: list[tuple[str, Members]]) -> list[tuple] | None:
     """The rows of the shard's stored decode manifest when they describe these records (same
     IDs in the same order, each image at its offset), else None: decode it again."""
     import pyarrow.parquet as pq  # ParquetFile, not read_table: that one imports pyarrow.dataset and pandas
@@ -265,10 +300,10 @@ def _fresh_manifest(dataset: Dataset, key: str, records: list[Record]) -> list[t
     except (OSError, ValueError, KeyError, StorageError):
         return None
     cols = table.to_pydict()
-    if cols["record_id"] != [r.key for r in records]:
+    if cols["record_id"] != [key for key, _members in records]:
         return None
-    for rec, member, offset in zip(records, cols["member"], cols["offset"], strict=True):
-        if member is not None and not any(m.name == member and m.offset == offset for _e, m in rec.components):
+    for (_key, members), member, offset in zip(records, cols["member"], cols["offset"], strict=True):
+        if member is not None and (member, offset) not in {(name, off) for name, off, _n in members}:
             return None
     return list(zip(cols["member"], cols["sha256"], cols["width"], cols["height"], cols["decoded"], cols["error"],
                     strict=True))
@@ -278,9 +313,9 @@ def _row_facts(row) -> tuple:
     return (row.member, row.sha256, row.width, row.height, row.decoded, row.error)
 
 
-def _source_record(position: int, rec: Record, facts: tuple, size: int) -> SourceRecord:
+def _source_record(position: int, rec: tuple[str, Members], facts: tuple, size: int) -> SourceRecord:
     member, sha256, width, height, decoded, error = facts
-    members = tuple((m.name, m.offset, m.size) for _ext, m in rec.components)
+    key, members = rec
     image = next((i for i, (name, _o, _s) in enumerate(members) if name == member), None)
     reason = detail = None
     if any(off + n > size for _name, off, n in members):
@@ -289,7 +324,7 @@ def _source_record(position: int, rec: Record, facts: tuple, size: int) -> Sourc
         from curator_assets.summary import error_code  # numpy and pyarrow: only for a record that failed
 
         reason, detail = f"decode:{error_code(error)}", error
-    return SourceRecord(position, rec.key, members, sha256, width, height, bool(decoded), reason, detail, image)
+    return SourceRecord(position, key, members, sha256, width, height, bool(decoded), reason, detail, image)
 
 
 def _apply_report(records: list[SourceRecord], report: ShardReport) -> list[SourceRecord]:

@@ -378,7 +378,7 @@ def test_output_inside_or_equal_to_the_input_is_refused(corpus, tmp_path, capsys
 
 def test_a_killed_export_resumes_without_rewriting_finished_shards(corpus, exported, tmp_path) -> None:
     src = tmp_path / "src"
-    for i in range(8):  # several copies of the corpus: enough output shards to be killed among
+    for i in range(4):  # several copies of the corpus: enough output shards to be killed among
         (src / f"c{i}").mkdir(parents=True)
         for tar_path in sorted(corpus.glob("*.tar")):
             shutil.copy(tar_path, src / f"c{i}" / tar_path.name)
@@ -442,3 +442,29 @@ def test_curated_shards_asset_shows_counts_and_a_picture(corpus, exported, tmp_p
     assert md["left_out_by_reason"].value == {"duplicate": 1}
     assert md["outcome"].value.startswith("![export](data:image/png;base64,")
     assert all((out / p.name).read_bytes() == p.read_bytes() for p in dst.glob("*.tar"))
+
+
+# -- object stores -------------------------------------------------------------------------------
+
+
+def test_export_from_and_to_an_object_store(s3_store, corpus, exported, tmp_path) -> None:
+    """S3 (moto) in and out, one shard gzip-compressed: the same bytes as the local export."""
+    dst, first = exported
+    local = tmp_path / "up"
+    shutil.copytree(corpus, local)
+    (local / "00002.tar.gz").write_bytes(gzip.compress((local / "00002.tar").read_bytes()))
+    (local / "00002.tar").unlink()
+    bucket = s3_store.new_bucket()
+    src_url = s3_store.upload(local, f"{bucket}/src")
+    out_url = s3_store.url(f"{bucket}/curated")
+    options = ExportOptions(records_per_shard=4)
+    result = export_dataset(src_url, out_url, options, storage_options=s3_store.storage_options)
+    assert result.ok, result.errors
+    assert result.kept == first.kept and result.shards == first.shards
+    fs = s3_store.filesystem(fresh=True)
+    for p in sorted(dst.glob("*.tar")) + sorted(dst.glob("*.idx")) + [dst / "manifest.parquet"]:
+        assert fs.cat_file(f"{bucket}/curated/{p.name}") == p.read_bytes(), p.name
+    again = export_dataset(src_url, out_url, options, storage_options=s3_store.storage_options)
+    assert again.written == [] and not again.manifest_written
+    with pytest.raises(ExportError, match="inside the dataset"):
+        export_dataset(src_url, s3_store.url(f"{bucket}/src/out"), storage_options=s3_store.storage_options)
