@@ -50,6 +50,14 @@ def main() -> None:
     args = ap.parse_args()
 
     data = photo_dataset(f"photos-{args.shards}x{args.records}", args.shards, args.records)
+    # Byte-compiled as an installed package is (PYTHONDONTWRITEBYTECODE, set in some environments,
+    # would make every run compile the modules again).
+    import compileall
+
+    import curator_assets
+
+    compileall.compile_dir(os.path.dirname(curator_assets.__file__), quiet=1)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     tars = sorted(data.glob("*.tar"))
     total = sum(t.stat().st_size for t in tars)
     cli = bin_of("curator-assets")

@@ -558,12 +558,16 @@ class Exporter:
             self._save_state(state)
 
     def _write_manifest(self, plans: list[SourcePlan], planned: Planned, out_shard: dict, state: dict) -> None:
-        from curator_assets.export_manifest import manifest_bytes
+        """Written when its rows changed (compared by digest: a rerun builds no Parquet) or it is gone."""
+        from curator_assets.export_manifest import manifest_rows
 
-        data = manifest_bytes(plans, planned, out_shard)
-        digest = hashlib.sha256(data).hexdigest()
+        rows = manifest_rows(plans, planned, out_shard)
+        digest = hashlib.sha256(rows).hexdigest()
         path = self.path(MANIFEST_NAME)
-        if state.get("manifest") != digest or self._read(path) is None:
+        if state.get("manifest") != digest or not self.fs.exists(path):
+            from curator_assets.export_manifest import manifest_bytes
+
+            data = manifest_bytes(rows)
             write_atomic(self.fs, path, data)
             self.result.manifest_written = True
             self.result.bytes_written += len(data)

@@ -10,41 +10,63 @@ the decoder's words for the reason, or for a failed decode kept by ``--include-f
 from __future__ import annotations
 
 import io
+import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+# (column, Arrow type, nullable); pyarrow is imported only when the Parquet file is built.
+COLUMN_TYPES = (
+    ("output_shard", "string", True),
+    ("output_key", "string", True),
+    ("source_shard", "string", False),
+    ("source_key", "string", False),
+    ("source_position", "int64", False),
+    ("sha256", "string", True),
+    ("width", "int32", True),
+    ("height", "int32", True),
+    ("decoded", "bool_", False),
+    ("reason", "string", True),
+    ("detail", "string", True),
+)
+COLUMNS = [name for name, _type, _nullable in COLUMN_TYPES]
 
-SCHEMA = pa.schema([
-    pa.field("output_shard", pa.string()),
-    pa.field("output_key", pa.string()),
-    pa.field("source_shard", pa.string(), nullable=False),
-    pa.field("source_key", pa.string(), nullable=False),
-    pa.field("source_position", pa.int64(), nullable=False),
-    pa.field("sha256", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("decoded", pa.bool_(), nullable=False),
-    pa.field("reason", pa.string()),
-    pa.field("detail", pa.string()),
-])
+
+def schema():
+    """The manifest's Arrow schema."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, getattr(pa, kind)(), nullable=nullable) for name, kind, nullable in COLUMN_TYPES])
 
 
-def manifest_table(plans, planned, out_shard: dict) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+def manifest_rows(plans, planned, out_shard: dict) -> bytes:
+    """The rows as JSON lines, in input order: what the Parquet file is made from, and what a
+    rerun compares (by digest) to tell that the manifest has not changed, without building it."""
+    dumps = json.dumps
+    lines = []
     for p, plan in enumerate(plans):
+        shard = _text(plan.key)
         for r, rec in enumerate(plan.records):
-            cols["output_shard"].append(out_shard.get((p, r)))
-            cols["output_key"].append(planned.out_keys[p][r])
-            cols["source_shard"].append(plan.key)
-            cols["source_key"].append(_text(rec.key))
-            cols["source_position"].append(rec.position)
-            cols["sha256"].append(rec.sha256)
-            cols["width"].append(rec.width)
-            cols["height"].append(rec.height)
-            cols["decoded"].append(rec.decoded)
-            cols["reason"].append(planned.reasons[p][r])
-            cols["detail"].append(_text(rec.detail))
-    return pa.Table.from_pydict(cols, schema=SCHEMA)
+            values = (out_shard.get((p, r)), planned.out_keys[p][r], shard, _text(rec.key), rec.position, rec.sha256,
+                      rec.width, rec.height, rec.decoded, planned.reasons[p][r], _text(rec.detail))
+            lines.append(dumps(dict(zip(COLUMNS, values, strict=True)), ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def manifest_bytes(rows: bytes) -> bytes:
+    """The Parquet bytes of :func:`manifest_rows`: the same rows give the same bytes (no clock in
+    them). Read by Arrow's JSON reader, not built from Python lists: those make pyarrow import
+    pandas, most of a small export's time."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    arrow_schema = schema()
+    if rows:
+        options = pj.ParseOptions(explicit_schema=arrow_schema, unexpected_field_behavior="error")
+        read = pj.ReadOptions(block_size=max(1 << 20, len(rows)))
+        table = pj.read_json(io.BytesIO(rows), read_options=read, parse_options=options).cast(arrow_schema)
+    else:
+        table = arrow_schema.empty_table()
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
 
 
 def _text(value: str | None) -> str | None:
@@ -52,13 +74,6 @@ def _text(value: str | None) -> str | None:
     if value is None or value.isascii():
         return value
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def manifest_bytes(plans, planned, out_shard: dict) -> bytes:
-    """The Parquet bytes: the same rows give the same bytes (no clock in them)."""
-    buf = io.BytesIO()
-    pq.write_table(manifest_table(plans, planned, out_shard), buf, compression="zstd")
-    return buf.getvalue()
 
 
 def outcome_picture(kept: int, left_out: dict[str, int]) -> bytes:
