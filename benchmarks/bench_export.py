@@ -6,8 +6,9 @@ output durable (`cat ... > out && sync out`; export fsyncs each shard before its
 
 Rows:
 - `cat` of every input tar into one file, then `sync` of that file;
-- export after the pipeline ran (each shard's validation report and decode manifest stored under
-  SRC/_curator): what a user re-exporting pays: a header scan per shard, then the copy;
+- export after the pipeline ran (each shard's .idx, validation report and decode manifest stored):
+  what a user exporting a curated dataset pays: the indexes are read instead of a header scan,
+  then the copy;
 - export of a fresh dataset (no report, no manifest: it validates and decodes every image itself,
   on the CPU here), once;
 - a rerun with nothing changed.
@@ -67,8 +68,9 @@ def main() -> None:
         fresh.mkdir()
         for t in tars:  # the same bytes without the stored verdicts
             os.link(t, fresh / t.name)
-        if not (data / "_curator" / "manifests").exists():
-            print("storing validation reports and decode manifests (once) ...", flush=True)
+        if not (data / "_curator" / "manifests").exists() or not (data / "00000.idx").exists():
+            print("indexing, storing validation reports and decode manifests (once) ...", flush=True)
+            subprocess.run([cli, "index", str(data)], check=True, stdout=subprocess.DEVNULL)
             subprocess.run([cli, "validate", str(data), "--write-report"], stdout=subprocess.DEVNULL)
             subprocess.run([cli, "decode", str(data)], check=True, stdout=subprocess.DEVNULL)
         for t in tars:

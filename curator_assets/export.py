@@ -200,11 +200,8 @@ def chunks(kept: list, per_shard: int) -> list[list]:
 def shard_digest(plans: list[SourcePlan], entries: list[tuple[int, int, str]]) -> str:
     """What an output shard holds, as a digest: each record's source (its fingerprint), members and key."""
     h = hashlib.sha256(f"curator-export {FORMAT_VERSION}\n".encode())
-    for p, r, key in entries:
-        rec = plans[p].records[r]
-        h.update(json.dumps([plans[p].fingerprint, key, rec.members], ensure_ascii=False).encode(
-            "utf-8", "surrogateescape"))
-        h.update(b"\n")
+    for p, r, key in entries:  # repr of str and int tuples: stable across runs and versions
+        h.update(repr((plans[p].fingerprint, key, plans[p].records[r].members)).encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -244,44 +241,62 @@ class SourceFiles:
 
     def __init__(self, opener: Callable[[int], Any]):
         self.opener = opener
-        self.files: dict[int, Any] = {}
+        self.files: dict[int, tuple[Any, int | None]] = {}
 
-    def get(self, p: int):
-        f = self.files.get(p)
-        if f is None:
-            f = self.files[p] = self.opener(p)
-        return f
+    def get(self, p: int) -> tuple[Any, int | None]:
+        """(file, its descriptor or None)."""
+        entry = self.files.get(p)
+        if entry is None:
+            f = self.opener(p)
+            entry = self.files[p] = (f, fileno_of(f))
+        return entry
 
     def close(self) -> None:
-        for f in self.files.values():
+        for f, _fd in self.files.values():
             f.close()
         self.files.clear()
 
 
 class TarSink:
-    """Writes an output tar through its file descriptor: headers and padding gathered and written
-    together, member data copied by the kernel from a local input (``copy_file_range``: the bytes
-    never enter this process), else read and written in chunks."""
+    """Writes an output tar through its file descriptor: headers, padding and small members
+    (read with ``pread``) gathered and written together by ``writev``; large members copied by the
+    kernel from a local input (``copy_file_range``: their bytes never enter this process); anything
+    else read and written in chunks."""
+
+    SMALL = 256 << 10  # members up to this size are read, and written with the headers around them
+    BATCH = 4 << 20  # gathered bytes written at once
 
     def __init__(self, out):
         out.flush()
         self.fd = out.fileno()
         self.pos = 0
-        self.pending: list[bytes] = []  # headers and padding not yet written
+        self.pending: list[bytes] = []  # bytes gathered, not yet written
+        self.pending_size = 0
         self.kernel_copy = hasattr(os, "copy_file_range")
 
     def put(self, data: bytes) -> None:
         self.pending.append(data)
+        self.pending_size += len(data)
         self.pos += len(data)
+        if self.pending_size >= self.BATCH:
+            self.flush()
 
     def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:512], self.pending[512:]
             _write_all(self.fd, batch)
+        self.pending_size = 0
 
-    def copy(self, f, offset: int, size: int) -> None:
+    def copy(self, source: tuple[Any, int | None], offset: int, size: int) -> None:
+        f, fd = source
+        if fd is not None and size <= self.SMALL:
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
+                                  "source_changed")
+            self.put(data)
+            return
         self.flush()
-        fd = _fileno(f)
         done = self._kernel_copy(fd, offset, size) if fd is not None and self.kernel_copy else 0
         if done < size:
             self._read_copy(f, offset + done, size - done)
@@ -313,7 +328,8 @@ class TarSink:
             left -= len(data)
 
 
-def _fileno(f) -> int | None:
+def fileno_of(f) -> int | None:
+    """The descriptor of a real file (for ``pread`` and kernel copies), None for anything else."""
     try:
         fd = f.fileno()
         os.fstat(fd)

@@ -277,6 +277,21 @@ def test_stored_validation_reports_are_used(tmp_path, photos) -> None:
     assert rows["a"]["reason"] == "validation:jpeg_trailing_data" and rows["b"]["reason"] is None
 
 
+def test_stored_indexes_reports_and_manifests_give_the_same_output(corpus, exported, tmp_path) -> None:
+    """After index, validate --write-report and decode (the pipeline's outputs), export reads the
+    records from the .idx instead of scanning, and the verdicts from the stored files: same bytes."""
+    dst, _ = exported
+    src = tmp_path / "src"
+    shutil.copytree(corpus, src)
+    assert cli_main(["index", str(src)]) == 0
+    cli_main(["validate", str(src), "--write-report"])
+    assert cli_main(["decode", str(src)]) == 0
+    out = tmp_path / "out"
+    export_dataset(str(src), str(out), ExportOptions(records_per_shard=4))
+    for p in sorted(dst.glob("*.tar")) + sorted(dst.glob("*.idx")) + [dst / "manifest.parquet"]:
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
 # -- damaged and compressed input ------------------------------------------------------------------
 
 
