@@ -43,7 +43,7 @@ from curator_assets.export_sources import (
 )
 from curator_assets.index import format_lines
 from curator_assets.storage import Dataset, StorageError, atomic_file, fingerprint_of, url_protocol, write_atomic
-from curator_assets.tar_members import BLOCK, split_key
+from curator_assets.tar_members import BLOCK
 from curator_assets.validation import DEFAULT_MAX_PIXELS
 
 DEFAULT_RECORDS_PER_SHARD = 10_000
@@ -265,6 +265,7 @@ class TarSink:
 
     SMALL = 256 << 10  # members up to this size are read, and written with the headers around them
     BATCH = 4 << 20  # gathered bytes written at once
+    WINDOW = 4 << 20  # bytes read at once from an input read in order
 
     def __init__(self, out):
         out.flush()
@@ -273,6 +274,7 @@ class TarSink:
         self.pending: list[bytes] = []  # bytes gathered, not yet written
         self.pending_size = 0
         self.kernel_copy = hasattr(os, "copy_file_range")
+        self.windows: dict[int, tuple[int, bytes]] = {}  # descriptor -> (offset, bytes read there)
 
     def put(self, data: bytes) -> None:
         self.pending.append(data)
@@ -290,17 +292,29 @@ class TarSink:
     def copy(self, source: tuple[Any, int | None], offset: int, size: int) -> None:
         f, fd = source
         if fd is not None and size <= self.SMALL:
-            data = os.pread(fd, size, offset)
-            if len(data) != size:
-                raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
-                                  "source_changed")
-            self.put(data)
+            self.put(self._small(fd, offset, size))
             return
         self.flush()
         done = self._kernel_copy(fd, offset, size) if fd is not None and self.kernel_copy else 0
         if done < size:
             self._read_copy(f, offset + done, size - done)
         self.pos += size
+
+    def _small(self, fd: int, offset: int, size: int) -> memoryview:
+        """A small member's bytes. Reading on from where the last one ended (records in input order),
+        a window of ``WINDOW`` bytes is read at once and the members are sliced out of it (no copy);
+        a jump (a shuffle) reads just the member."""
+        start, window = self.windows.get(fd, (0, b""))
+        if start <= offset and offset + size <= start + len(window):
+            return memoryview(window)[offset - start : offset - start + size]
+        sequential = start + len(window) - BLOCK * 4 <= offset <= start + len(window) + self.SMALL
+        want = max(size, self.WINDOW) if sequential and window else size
+        data = os.pread(fd, want, offset)
+        if len(data) < size:
+            raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
+                              "source_changed")
+        self.windows[fd] = (offset, data)
+        return memoryview(data)[:size]
 
     def _kernel_copy(self, fd: int, offset: int, size: int) -> int:
         done = 0
@@ -338,14 +352,16 @@ def fileno_of(f) -> int | None:
         return None
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> None:
-    while buffers:
-        n = os.writev(fd, buffers)
-        while buffers and n >= len(buffers[0]):
-            n -= len(buffers[0])
-            buffers = buffers[1:]
+def _write_all(fd: int, buffers: list) -> None:
+    """Write every buffer, in order (``writev`` may write fewer bytes than asked)."""
+    i, n_buffers = 0, len(buffers)
+    while i < n_buffers:
+        n = os.writev(fd, buffers[i:] if i else buffers)
+        while i < n_buffers and n >= len(buffers[i]):
+            n -= len(buffers[i])
+            i += 1
         if n:
-            buffers = [buffers[0][n:], *buffers[1:]]
+            buffers[i] = buffers[i][n:]
 
 
 def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]], files: SourceFiles
@@ -354,15 +370,26 @@ def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]],
     name) of each record."""
     sink = TarSink(out)
     lines = []
+    small = sink.SMALL
     for p, r, key in entries:
         rec = plans[p].records[r]
-        f = files.get(p)
+        f, fd = source = files.get(p)
+        cut = len(rec.key)
         comps = []
         for name, offset, size in rec.members:
-            out_name = key + name[len(rec.key):]
-            sink.put(member_header(out_name, size))
-            comps.append((split_key(out_name)[1], sink.pos, size, out_name))
-            sink.copy(f, offset, size)
+            out_name = key + name[cut:]
+            header = member_header(out_name, size)
+            data_at = sink.pos + len(header)
+            comps.append((name[cut + 1 :], data_at, size, out_name))
+            if fd is not None and size <= small:  # the common case, inline: header, data, padding at once
+                sink.pending += (header, sink._small(fd, offset, size), _ZEROS[: -size % BLOCK])
+                sink.pos = data_at + size + (-size % BLOCK)
+                sink.pending_size += len(header) + size
+                if sink.pending_size >= sink.BATCH:
+                    sink.flush()
+                continue
+            sink.put(header)
+            sink.copy(source, offset, size)
             sink.put(_ZEROS[: -size % BLOCK])
         lines.append(comps)
     end = 2 * BLOCK
