@@ -237,35 +237,65 @@ def _pax_header(name: str, size: int) -> bytes:
 
 
 class SourceFiles:
-    """Open input files while one output shard is written (closed with it)."""
+    """The input files one output shard is copied from: at most ``MAX_OPEN`` open at once (a
+    shuffled shard draws from every input; the least recently used is closed), each with the last
+    window read from it."""
+
+    MAX_OPEN = 64
+    WINDOW = 4 << 20  # bytes read at once from an input read in order
 
     def __init__(self, opener: Callable[[int], Any]):
+        from collections import OrderedDict
+
         self.opener = opener
-        self.files: dict[int, tuple[Any, int | None]] = {}
+        self.files: OrderedDict[int, tuple[Any, int | None]] = OrderedDict()
+        self.windows: dict[int, tuple[int, bytes]] = {}  # input -> (offset, the bytes read there)
 
     def get(self, p: int) -> tuple[Any, int | None]:
         """(file, its descriptor or None)."""
         entry = self.files.get(p)
-        if entry is None:
-            f = self.opener(p)
-            entry = self.files[p] = (f, fileno_of(f))
+        if entry is not None:
+            self.files.move_to_end(p)
+            return entry
+        if len(self.files) >= self.MAX_OPEN:
+            old, (f, _fd) = self.files.popitem(last=False)
+            self.windows.pop(old, None)
+            f.close()
+        f = self.opener(p)
+        entry = self.files[p] = (f, fileno_of(f))
         return entry
+
+    def small(self, p: int, fd: int, offset: int, size: int) -> memoryview:
+        """A small member's bytes. Reading on from where the last one ended (records in input order),
+        a window of ``WINDOW`` bytes is read at once and the members are sliced out of it (no copy);
+        a jump (a shuffle) reads just the member."""
+        start, window = self.windows.get(p, (0, b""))
+        end = start + len(window)
+        if start <= offset and offset + size <= end:
+            return memoryview(window)[offset - start : offset - start + size]
+        sequential = bool(window) and end - 4 * BLOCK <= offset <= end + TarSink.SMALL
+        data = os.pread(fd, max(size, self.WINDOW) if sequential else size, offset)
+        if len(data) < size:
+            raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
+                              "source_changed")
+        self.windows[p] = (offset, data)
+        return memoryview(data)[:size]
 
     def close(self) -> None:
         for f, _fd in self.files.values():
             f.close()
         self.files.clear()
+        self.windows.clear()
 
 
 class TarSink:
     """Writes an output tar through its file descriptor: headers, padding and small members
-    (read with ``pread``) gathered and written together by ``writev``; large members copied by the
-    kernel from a local input (``copy_file_range``: their bytes never enter this process); anything
-    else read and written in chunks."""
+    (:meth:`SourceFiles.small`) gathered and written together by ``writev``; large members copied by
+    the kernel from a local input (``copy_file_range``: their bytes never enter this process);
+    anything else read and written in chunks."""
 
     SMALL = 256 << 10  # members up to this size are read, and written with the headers around them
     BATCH = 4 << 20  # gathered bytes written at once
-    WINDOW = 4 << 20  # bytes read at once from an input read in order
 
     def __init__(self, out):
         out.flush()
@@ -274,7 +304,6 @@ class TarSink:
         self.pending: list[bytes] = []  # bytes gathered, not yet written
         self.pending_size = 0
         self.kernel_copy = hasattr(os, "copy_file_range")
-        self.windows: dict[int, tuple[int, bytes]] = {}  # descriptor -> (offset, bytes read there)
 
     def put(self, data: bytes) -> None:
         self.pending.append(data)
@@ -290,31 +319,13 @@ class TarSink:
         self.pending_size = 0
 
     def copy(self, source: tuple[Any, int | None], offset: int, size: int) -> None:
+        """A large member (or one from a file without a descriptor): written straight through."""
         f, fd = source
-        if fd is not None and size <= self.SMALL:
-            self.put(self._small(fd, offset, size))
-            return
         self.flush()
         done = self._kernel_copy(fd, offset, size) if fd is not None and self.kernel_copy else 0
         if done < size:
             self._read_copy(f, offset + done, size - done)
         self.pos += size
-
-    def _small(self, fd: int, offset: int, size: int) -> memoryview:
-        """A small member's bytes. Reading on from where the last one ended (records in input order),
-        a window of ``WINDOW`` bytes is read at once and the members are sliced out of it (no copy);
-        a jump (a shuffle) reads just the member."""
-        start, window = self.windows.get(fd, (0, b""))
-        if start <= offset and offset + size <= start + len(window):
-            return memoryview(window)[offset - start : offset - start + size]
-        sequential = start + len(window) - BLOCK * 4 <= offset <= start + len(window) + self.SMALL
-        want = max(size, self.WINDOW) if sequential and window else size
-        data = os.pread(fd, want, offset)
-        if len(data) < size:
-            raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
-                              "source_changed")
-        self.windows[fd] = (offset, data)
-        return memoryview(data)[:size]
 
     def _kernel_copy(self, fd: int, offset: int, size: int) -> int:
         done = 0
@@ -382,7 +393,7 @@ def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]],
             data_at = sink.pos + len(header)
             comps.append((name[cut + 1 :], data_at, size, out_name))
             if fd is not None and size <= small:  # the common case, inline: header, data, padding at once
-                sink.pending += (header, sink._small(fd, offset, size), _ZEROS[: -size % BLOCK])
+                sink.pending += (header, files.small(p, fd, offset, size), _ZEROS[: -size % BLOCK])
                 sink.pos = data_at + size + (-size % BLOCK)
                 sink.pending_size += len(header) + size
                 if sink.pending_size >= sink.BATCH:

@@ -209,10 +209,27 @@ def test_exports_are_deterministic_and_shuffle_is_seeded(corpus, exported, tmp_p
         assert (tmp_path / folder / "00000.idx").read_bytes() == wds2idx(tmp_path / folder / "00000.tar")
     plain = [k for t in sorted(dst.glob("*.tar")) for k, _ in records_of(t)]
     assert orders[0] == orders[1] and orders[0] != orders[2] and orders[0] != plain
+    in_order = {k: c for t in sorted(dst.glob("*.tar")) for k, c in records_of(t)}
+    shuffled = {k: c for t in sorted((tmp_path / "s2").glob("*.tar")) for k, c in records_of(t)}
+    assert shuffled == in_order  # the same records, byte for byte, read out of order
     assert sorted(orders[0]) == sorted(orders[2]) == sorted(plain)
     s1 = tmp_path / "s1"
     assert all((s1 / n).read_bytes() == (tmp_path / "s1b" / n).read_bytes() for n in os.listdir(s1)
                if (s1 / n).is_file())
+
+
+def test_a_shuffle_over_more_inputs_than_open_files(corpus, tmp_path, monkeypatch) -> None:
+    """With one input file open at a time (inputs closed and opened again as the shuffle jumps),
+    the bytes are those of the export that keeps them all open."""
+    from curator_assets.export import SourceFiles
+
+    options = ExportOptions(records_per_shard=4, shuffle_seed=3)
+    export_dataset(str(corpus), str(tmp_path / "all-open"), options)
+    monkeypatch.setattr(SourceFiles, "MAX_OPEN", 1)
+    export_dataset(str(corpus), str(tmp_path / "one-open"), options)
+    names = sorted(p.name for p in (tmp_path / "all-open").glob("*.*"))
+    assert names and all((tmp_path / "all-open" / n).read_bytes() == (tmp_path / "one-open" / n).read_bytes()
+                         for n in names)
 
 
 def test_added_shards_write_only_the_tail(corpus, exported, tmp_path, photos) -> None:
