@@ -40,6 +40,7 @@ from curator_assets.export_sources import (
     list_sources,
     plan_source,
     readable,
+    verdict_fingerprints,
 )
 from curator_assets.index import format_lines
 from curator_assets.storage import Dataset, StorageError, atomic_file, fingerprint_of, url_protocol, write_atomic
@@ -493,7 +494,10 @@ class Exporter:
         return plans
 
     def _cache_path(self, source: Source) -> str:
-        name = hashlib.sha256(source.key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        """Where a source's plan is cached: named by what it depends on besides the tar (whose
+        fingerprint the plan holds): the pixel limit, and the stored report and manifest it read."""
+        token = repr((source.key, self.options.max_pixels, *verdict_fingerprints(self.src, source.key)))
+        name = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         return self.path(STATE_DIR, "sources", name + ".json")
 
     def _plan(self, source: Source) -> SourcePlan:
@@ -578,9 +582,12 @@ class Exporter:
         try:
             with atomic_file(self.fs, self.path(name + ".tar")) as out:
                 size, lines = write_tar(out, plans, entries, files)
+                idx = format_lines(lines)
+                # An earlier run's index goes before the new tar is renamed in: a reader may find a
+                # tar without its index for a moment, never a tar with another tar's index.
+                self._remove(name + ".idx")
         finally:
             files.close()
-        idx = format_lines(lines)
         write_atomic(self.fs, self.path(name + ".idx"), idx)
         self.result.written.append(name)
         self.result.bytes_written += size + len(idx)
@@ -599,13 +606,16 @@ class Exporter:
             return open(self.work.spool_path(source.key), "rb")
         return self.src.open(source.path)
 
+    def _remove(self, name: str) -> None:
+        try:
+            self.fs.rm(self.path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
     def _remove_stale(self, old: dict, new: dict, state: dict) -> None:
         for name in sorted(set(old) - set(new)):
-            for suffix in (".tar", ".idx"):
-                try:
-                    self.fs.rm(self.path(name + suffix))
-                except (FileNotFoundError, NotADirectoryError):
-                    pass
+            self._remove(name + ".idx")
+            self._remove(name + ".tar")
             self.result.removed.append(name)
         if self.result.removed:
             state["shards"] = new

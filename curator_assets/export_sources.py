@@ -276,6 +276,21 @@ def _records_from_index(dataset: Dataset, key: str, report: ShardReport) -> list
     return [(rec.key, tuple((c.name, c.offset, c.size) for c in rec.components)) for rec in index.records]
 
 
+def verdict_fingerprints(dataset: Dataset, key: str) -> tuple[str | None, str | None]:
+    """The fingerprints of the shard's stored validation report and decode manifest (None: none)."""
+    from curator_assets.manifest import MANIFEST_KIND, MANIFEST_SUFFIX
+    from curator_assets.storage import fingerprint_of
+    from curator_assets.validation import REPORT_KIND, REPORT_SUFFIX
+
+    out = []
+    for kind, suffix in ((REPORT_KIND, REPORT_SUFFIX), (MANIFEST_KIND, MANIFEST_SUFFIX)):
+        try:
+            out.append(fingerprint_of(dataset.output_fs.info(dataset.output_path(kind, key, suffix))))
+        except (FileNotFoundError, NotADirectoryError):
+            out.append(None)
+    return out[0], out[1]
+
+
 def _fresh_report(dataset: Dataset, source: Source) -> ShardReport | None:
     try:
         report = read_report(dataset, source.key)

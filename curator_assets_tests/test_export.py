@@ -287,11 +287,14 @@ def test_stored_validation_reports_are_used(tmp_path, photos) -> None:
     src = tmp_path / "src"
     jpg = photos[0].jpg + b"trailer"
     malformed.write_tar(src / "00000.tar", [("a.jpg", jpg), ("b.jpg", photos[1].jpg)])
+    first = export_dataset(str(src), str(tmp_path / "dst"), ExportOptions())
+    assert first.kept == 2  # a trailer after a complete JPEG is only info by default
     assert cli_main(["validate", str(src), "--write-report", "--severity", "jpeg_trailing_data=warning"]) == 0
     assert (src / "_curator" / "validation" / "00000.json").exists()
-    export_dataset(str(src), str(tmp_path / "dst"), ExportOptions())
+    again = export_dataset(str(src), str(tmp_path / "dst"), ExportOptions())  # the new report is read
     rows = {r["source_key"]: r for r in manifest(tmp_path / "dst")}
     assert rows["a"]["reason"] == "validation:jpeg_trailing_data" and rows["b"]["reason"] is None
+    assert again.kept == 1 and again.written == ["00000"] and again.manifest_written
 
 
 def test_stored_indexes_reports_and_manifests_give_the_same_output(corpus, exported, tmp_path) -> None:
