@@ -450,6 +450,7 @@ class Exporter:
         try:
             self.work = Workspace(self._work_root)
             plans = self._plans()
+            self._close_decoder()  # its worker processes are not needed while the shards are written
             self._write(plans)
         finally:
             self._close()
@@ -461,9 +462,13 @@ class Exporter:
             return os.path.join(self.root, STATE_DIR, "work")
         return tempfile.mkdtemp(prefix="curator-export-")
 
-    def _close(self) -> None:
+    def _close_decoder(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
+            self._decoder = None
+
+    def _close(self) -> None:
+        self._close_decoder()
         if self.work is not None and self.work.created:
             shutil.rmtree(self.work.root, ignore_errors=True)
 

@@ -34,7 +34,14 @@ from curator_assets.storage import Dataset
 from curator_assets.validation import validate_shard
 from curator_assets_tests import malformed
 from curator_assets_tests.test_index import dali_read_all, wds2idx
-from curator_assets_tests.test_realworld_tars import bsdtar, gnu_tar, stage, wds_samples, webdataset_tar
+from curator_assets_tests.test_realworld_tars import (
+    bsdtar,
+    bsdtar_command,
+    gnu_tar,
+    stage,
+    wds_samples,
+    webdataset_tar,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,9 +156,11 @@ def test_output_tars_are_plain_posix_with_fixed_metadata(exported) -> None:
                 assert (m.mtime, m.uid, m.gid, m.mode, m.uname, m.gname) == (0, 0, 0, 0o644, "", "")
                 assert m.isfile()
         assert tar_path.stat().st_size % (20 * 512) == 0
-        # GNU tar lists the same names tarfile reads
-        listed = subprocess.run(["tar", "-tf", str(tar_path)], check=True, capture_output=True).stdout
-        assert listed.decode().splitlines() == [n for n, _ in members_of(tar_path)]
+        # GNU tar and bsdtar list the same names tarfile reads
+        names = [n for n, _ in members_of(tar_path)]
+        for tool in ("tar", bsdtar_command()):
+            listed = subprocess.run([tool, "-tf", str(tar_path)], check=True, capture_output=True).stdout
+            assert listed.decode().splitlines() == names, tool
 
 
 def test_indexes_are_byte_identical_to_wds2idx_and_dali_reads_them(exported) -> None:
