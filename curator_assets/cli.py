@@ -55,7 +55,7 @@ def iter_targets(paths: list[str], *, index_url: str | None = None, output_url: 
         for shard_path, why in listing.rejected:
             yield None, None, why if shard_path in why else f"{shard_path}: {why}"
         if not listing.shards and not listing.rejected:
-            yield None, None, f"{path}: no .tar shards found"
+            yield None, None, f"{path}: no shards found (.tar files, or compressed-tar names)"
         for shard in listing.shards:
             yield dataset, shard.key, None
 

@@ -606,7 +606,7 @@ class Exporter:
         if fingerprint_of(self.src.fs.info(source.path)) != plan.fingerprint:
             raise ExportError(f"{source.url}: changed while it was being exported; run the export again",
                               "source_changed")
-        if plan.compression is not None or source.named_compressed:
+        if plan.compression is not None:
             self.work.spool(self.src, source)
             return open(self.work.spool_path(source.key), "rb")
         return self.src.open(source.path)

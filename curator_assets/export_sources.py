@@ -7,8 +7,8 @@ dataset's output location when they describe the tar as it is now; otherwise the
 validated and decoded here, through the same public functions (nothing is written beside the
 source: a read-only bucket exports as well as a local folder).
 
-Compressed shards (recognised by their bytes, whatever their name) and shards listed under a
-compressed name are first spooled, streamed, into a plain tar in a local work folder.
+Compressed shards (recognised by their bytes, whatever their name: a plain tar named .tar.gz is
+read in place) are first spooled, streamed, into a plain tar in a local work folder.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import posixpath
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from curator_assets.compressed import SNIFF_BYTES, CompressedInputError, compression_of, spool_plain
-from curator_assets.storage import COMPRESSED_SUFFIXES, Dataset, StorageError, compressed_kind
+from curator_assets.storage import Dataset, StorageError
 from curator_assets.tar_members import group_records, scan_tar
 from curator_assets.validation import ERROR, INFO, RECORD_CODES, ShardReport, read_report, validate_shard
 
@@ -53,7 +52,6 @@ class Source(NamedTuple):
     path: str  # the store path of the file
     fingerprint: str
     size: int
-    named_compressed: bool  # listed under a compressed name (.tar.gz ...): always spooled
 
 
 class SourcePlan(NamedTuple):
@@ -84,41 +82,13 @@ class SourcePlan(NamedTuple):
 
 
 def list_sources(dataset: Dataset) -> tuple[list[Source], list[str]]:
-    """Every shard of ``dataset`` (plain tars, and files with a compressed name), sorted by key,
-    and the one-line errors of paths that cannot be shards."""
+    """Every shard of ``dataset``, sorted by key (the listing judges names: ``.tar`` and the
+    compressed-tar names; export judges bytes), and the one-line errors of paths that cannot be
+    shards."""
     listing = dataset.list_shards()
-    sources = [Source(s.key, s.url, s.path, s.fingerprint, s.size, False) for s in listing.shards]
-    errors: list[str] = []
-    taken = {s.key for s in sources}
-    for url, why in listing.rejected:
-        kind = compressed_kind(url)
-        source = _compressed_source(dataset, url) if kind else None
-        if source is None:
-            errors.append(why if url in why else f"{url}: {why}")
-        elif source.key in taken:
-            errors.append(f"{url}: shard key {source.key!r} is also used by another shard; rename one")
-        else:
-            taken.add(source.key)
-            sources.append(source)
-    sources.sort(key=lambda s: s.key)
+    sources = [Source(s.key, s.url, s.path, s.fingerprint, s.size) for s in listing.shards]
+    errors = [why if url in why else f"{url}: {why}" for url, why in listing.rejected]
     return sources, errors
-
-
-def _compressed_source(dataset: Dataset, url: str) -> Source | None:
-    path = url.split("://", 1)[1] if "://" in url and not dataset.local else url
-    prefix = dataset.root.rstrip("/") + "/"
-    rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
-    lower = rel.lower()
-    suffix = next((s for s in COMPRESSED_SUFFIXES if lower.endswith(s)), None)
-    if suffix is None or not rel[: -len(suffix)]:
-        return None
-    try:
-        info = dataset.fs.info(path)
-    except (OSError, FileNotFoundError):
-        return None
-    from curator_assets.storage import fingerprint_of
-
-    return Source(rel[: -len(suffix)], url, path, fingerprint_of(info), int(info.get("size") or 0), True)
 
 
 # -- the plan of one shard -----------------------------------------------------------------------
@@ -241,8 +211,7 @@ def reading_view(dataset: Dataset, source: Source, work: Workspace, spooled: boo
 
 
 def needs_spool(dataset: Dataset, source: Source) -> bool:
-    if source.named_compressed:
-        return True
+    """Whether the source's bytes are compressed (whatever its name says)."""
     with dataset.open(source.path) as f:
         return compression_of(f.read(SNIFF_BYTES)) is not None
 

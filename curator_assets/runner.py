@@ -53,6 +53,57 @@ def _summary(name: str, md: dict[str, Any]) -> str:
     return f"{name} ({shown})"
 
 
+@dataclass
+class _Session:
+    """What ``run`` and ``rerun-failed`` both set up: the storage built from the arguments, the
+    dataset's listing, the instance (dead runs of a killed ``run`` recovered) and the job."""
+
+    storage: Any
+    listing: Any
+    instance: Any
+    job: Any
+    out: Any
+
+
+def _open_session(path: str, *, index_url, output_url, storage_options, out, need_home: bool) -> _Session | int:
+    """The shared set-up, or the exit status when it cannot be made."""
+    with _collector_paused():
+        if not need_home:
+            _start_decoder()
+        import dagster as dg
+
+        from curator_assets.definitions import build_definitions
+        from curator_assets.defs.resources import storage_from_env
+        from curator_assets.storage import StorageError
+
+        # Built with the overrides, never copied: a copied resource keeps the environment's values.
+        storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
+                                   extra_options=storage_options)
+        try:
+            listing = storage.dataset().list_shards()
+        except StorageError as exc:
+            print(f"curator-assets: {exc}", file=sys.stderr)
+            return 1
+        job = build_definitions(storage).resolve_job_def("shard_pipeline")
+        home = os.environ.get("DAGSTER_HOME")
+        instance = dg.DagsterInstance.get() if home else dg.DagsterInstance.ephemeral()
+    _recover_dead_runs(instance, out)
+    # Dagster's per-event console logging would drown the summary; every error is in it below.
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    return _Session(storage, listing, instance, job, out)
+
+
+def _finish(session: _Session, outcomes: list[ShardOutcome], as_json: bool, reason: str, verb: str) -> bool:
+    """The dataset summaries, then the closing lines; True when the shards and summaries all passed."""
+    summaries_ok = _dataset_summaries(session.instance, session.storage, as_json, session.out, reason)
+    failed = [o.key for o in outcomes if not o.ok]
+    if not as_json:
+        print(f"{len(outcomes)} shard(s){verb}: {len(outcomes) - len(failed)} ok, {len(failed)} failed"
+              + (f" ({', '.join(failed)})" if failed else ""), file=session.out)
+        print(_where(session.storage.dataset()), file=session.out)
+    return summaries_ok and not failed
+
+
 def run_pipeline(
     path: str,
     *,
@@ -62,54 +113,30 @@ def run_pipeline(
     out=None,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
-    with _collector_paused():
-        _start_decoder()
-        import dagster as dg
+    """``curator-assets run``: every shard of ``path`` through the pipeline, then both dataset summaries."""
+    from curator_assets.defs.partitions import shards
 
-        from curator_assets.definitions import build_definitions
-        from curator_assets.defs.partitions import shards
-        from curator_assets.defs.resources import storage_from_env
-        from curator_assets.storage import StorageError
-
-        out = out or sys.stdout
-        # Built with the overrides, never copied: a copied resource keeps the environment's values.
-        storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
-                                   extra_options=storage_options)
-        try:
-            listing = storage.dataset().list_shards()
-        except StorageError as exc:
-            print(f"curator-assets: {exc}", file=sys.stderr)
-            return 1
-        for bad_path, why in listing.rejected:
-            print(f"curator-assets: skipping {bad_path}: {why}", file=sys.stderr)
-        if not listing.shards:
-            print(f"curator-assets: {path}: no .tar shards found", file=sys.stderr)
-            return 1
-
-        defs = build_definitions(storage)
-        job = defs.resolve_job_def("shard_pipeline")
-        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    _recover_dead_runs(instance, out)
+    out = out or sys.stdout
+    session = _open_session(path, index_url=index_url, output_url=output_url, storage_options=storage_options,
+                            out=out, need_home=False)
+    if isinstance(session, int):
+        return session
+    listing = session.listing
+    for bad_path, why in listing.rejected:
+        print(f"curator-assets: skipping {bad_path}: {why}", file=sys.stderr)
+    if not listing.shards:
+        print(f"curator-assets: {path}: no shards found", file=sys.stderr)
+        return 1
+    instance = session.instance
     keys = [s.key for s in listing.shards]
     existing = list(instance.get_dynamic_partitions(shards.name))
     missing = [k for k in keys if k not in set(existing)]
     if missing:
         instance.add_dynamic_partitions(shards.name, missing)
-
-    # Dagster's per-event console logging would drown the summary; every error is in it below.
-    logging.getLogger("dagster").setLevel(logging.WARNING)
-    outcomes = run_ranges(job, instance, keys, existing + missing, as_json, out, reason="curator-assets run")
-
-    dataset_line = _dataset_summary(instance, storage, as_json, out)
-    failed = [o.key for o in outcomes if not o.ok]
-    if not as_json:
-        print(
-            f"{len(outcomes)} shard(s): {len(outcomes) - len(failed)} ok, {len(failed)} failed"
-            + (f" ({', '.join(failed)})" if failed else ""),
-            file=out,
-        )
-        print(_where(storage.dataset()), file=out)
-    return 1 if failed or listing.rejected or not dataset_line else 0
+    reason = "curator-assets run"
+    outcomes = run_ranges(session.job, instance, keys, existing + missing, as_json, out, reason=reason)
+    ok = _finish(session, outcomes, as_json, reason, "")
+    return 0 if ok and not listing.rejected else 1
 
 
 @contextmanager
@@ -249,34 +276,73 @@ def _note_failure(event, by_key: dict[str, ShardOutcome]) -> None:
         outcome.errors.append(f"{event.step_key}: {msg}")
 
 
-def _dataset_summary(instance, storage, as_json: bool, out) -> bool:
-    """Materialize the dataset-wide validation summary (cross-shard record IDs) after the shards."""
+def _dataset_summaries(instance, storage, as_json: bool, out, reason: str) -> bool:
+    """Materialize both dataset-wide summaries after the shards, in one run: the validation summary
+    (problems by code, record IDs in more than one shard) and the decode summary (decoded and failed
+    by code, exact duplicate images by sha256, its pictures). Prints each one's headline."""
     import dagster as dg
 
-    from curator_assets.defs.assets import dataset_validation_summary
+    from curator_assets.defs.assets import dataset_decode_summary, dataset_validation_summary
     from curator_assets.defs.checks import check_record_ids_unique_across_shards
 
     result = dg.materialize(
-        [dataset_validation_summary, check_record_ids_unique_across_shards],
+        [dataset_validation_summary, check_record_ids_unique_across_shards, dataset_decode_summary],
         instance=instance, resources={"storage": storage}, raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-        tags={"curator/reason": "curator-assets run"},
+        tags={"curator/reason": reason},
     )
-    mats = result.asset_materializations_for_node("dataset_validation_summary")
-    md = {k: _plain(v) for k, v in mats[0].metadata.items()} if mats else {}
+    found = {name: _materialized(result, name) for name in (VALIDATION_SUMMARY, DECODE_SUMMARY)}
     checks = {e.check_name: bool(e.passed) for e in result.get_asset_check_evaluations()}
     if as_json:
-        print(json.dumps({"dataset": md, "checks": checks, "ok": result.success}, default=str), file=out, flush=True)
-    elif md:
-        print(
-            f"dataset: {md.get('validated')}/{md.get('shards')} shards validated, {md.get('records')} records, "
-            f"{md.get('errors')} errors, {md.get('warnings')} warnings, "
-            f"{md.get('cross_shard_duplicate_ids', 0)} record IDs in more than one shard",
-            file=out,
-        )
+        print(json.dumps({"dataset": found[VALIDATION_SUMMARY], "decode": found[DECODE_SUMMARY],
+                          "checks": checks, "ok": result.success}, default=str), file=out, flush=True)
     else:
-        print("dataset: summary failed", file=out)
+        for line in summary_lines(found[VALIDATION_SUMMARY], found[DECODE_SUMMARY]):
+            print(line, file=out)
     return result.success
+
+
+VALIDATION_SUMMARY, DECODE_SUMMARY = "dataset_validation_summary", "dataset_decode_summary"
+# Pictures and long Markdown stay in the instance (the UI shows them); the terminal gets numbers.
+_NOT_PRINTED = {"summary", "image_sizes", "failures_by_shard"}
+
+
+def _materialized(result, name: str) -> dict[str, Any] | None:
+    mats = result.asset_materializations_for_node(name)
+    if not mats:
+        return None
+    return {k: _plain_json(v) for k, v in mats[0].metadata.items() if k not in _NOT_PRINTED}
+
+
+def _plain_json(value: Any) -> Any:
+    """A metadata value as plain data: JSON metadata stays a dict or list, the rest as _plain."""
+    data = getattr(value, "data", None)
+    return data if isinstance(data, (dict, list)) else _plain(value)
+
+
+def summary_lines(validation: dict[str, Any] | None, decode: dict[str, Any] | None) -> list[str]:
+    """The headline of each dataset summary, as ``run`` prints them."""
+    lines = []
+    if validation is None:
+        lines.append("dataset: validation summary failed")
+    else:
+        v = validation
+        lines.append(
+            f"dataset: {v.get('validated')}/{v.get('shards')} shards validated, {v.get('records')} records, "
+            f"{v.get('errors')} errors, {v.get('warnings')} warnings, "
+            f"{v.get('cross_shard_duplicate_ids', 0)} record IDs in more than one shard")
+    if decode is None:
+        lines.append("decode: summary failed")
+    else:
+        d = decode
+        codes = d.get("failures_by_code") or {}
+        by_code = ", ".join(f"{code} {n}" for code, n in codes.items()) if isinstance(codes, dict) else codes
+        lines.append(
+            f"decode: {d.get('decoded')}/{d.get('records')} records decoded in {d.get('manifests')} manifests, "
+            f"{d.get('failed')} failed" + (f" ({by_code})" if by_code else "")
+            + f", {d.get('duplicate_images')} images in more than one shard (same sha256, "
+            f"{d.get('duplicate_records')} records), {d.get('images_per_s')} images/s")
+    return lines
 
 
 def _print_outcome(o: ShardOutcome, as_json: bool, out) -> None:
@@ -301,31 +367,22 @@ def rerun_failed(
 ) -> int:
     """``curator-assets rerun-failed``: run the pipeline again on the shards of ``path`` whose
     pipeline failed or is incomplete in ``$DAGSTER_HOME`` (the catch-up schedule's selection),
-    and nothing else; then the dataset summary. Exit 0 when nothing needed it or all passed."""
-    import dagster as dg
-
-    from curator_assets.definitions import build_definitions
+    and nothing else; then both dataset summaries. Exit 0 when nothing needed it or all passed."""
     from curator_assets.defs.partitions import shards
-    from curator_assets.defs.resources import storage_from_env
     from curator_assets.defs.schedules import incomplete_shards
-    from curator_assets.storage import StorageError
 
     out = out or sys.stdout
     if not os.environ.get("DAGSTER_HOME"):
         print("curator-assets: rerun-failed reads the run history in $DAGSTER_HOME: set it to the "
               "instance that `run`, the sensor or the UI used", file=sys.stderr)
         return 2
-    storage = storage_from_env(dataset_url=path, index_url=index_url, output_url=output_url,
-                               extra_options=storage_options)
-    try:
-        listed = {s.key for s in storage.dataset().list_shards().shards}
-    except StorageError as exc:
-        print(f"curator-assets: {exc}", file=sys.stderr)
-        return 1
-    instance = dg.DagsterInstance.get()
-    _recover_dead_runs(instance, out)
-    order = list(instance.get_dynamic_partitions(shards.name))
-    incomplete = incomplete_shards(instance)
+    session = _open_session(path, index_url=index_url, output_url=output_url, storage_options=storage_options,
+                            out=out, need_home=True)
+    if isinstance(session, int):
+        return session
+    listed = {s.key for s in session.listing.shards}
+    order = list(session.instance.get_dynamic_partitions(shards.name))
+    incomplete = incomplete_shards(session.instance)
     pending = [k for k in incomplete if k in listed]
     gone = [k for k in incomplete if k not in listed]
     if gone:
@@ -335,14 +392,6 @@ def rerun_failed(
         return 0
     if not as_json:
         print(f"rerunning {len(pending)} shard(s) that failed or did not complete", file=out, flush=True)
-    job = build_definitions(storage).resolve_job_def("shard_pipeline")
-    logging.getLogger("dagster").setLevel(logging.WARNING)
-    outcomes = run_ranges(job, instance, pending, order, as_json, out, reason="curator-assets rerun-failed",
-                          desc="rerun")
-    dataset_line = _dataset_summary(instance, storage, as_json, out)
-    failed = [o.key for o in outcomes if not o.ok]
-    if not as_json:
-        print(f"{len(outcomes)} shard(s) rerun: {len(outcomes) - len(failed)} ok, {len(failed)} failed"
-              + (f" ({', '.join(failed)})" if failed else ""), file=out)
-        print(_where(storage.dataset()), file=out)
-    return 1 if failed or not dataset_line else 0
+    reason = "curator-assets rerun-failed"
+    outcomes = run_ranges(session.job, session.instance, pending, order, as_json, out, reason=reason, desc="rerun")
+    return 0 if _finish(session, outcomes, as_json, reason, " rerun") else 1

@@ -437,11 +437,32 @@ _HEADER_READERS = {"png": _png, "webp": _webp, "bmp": _bmp, "tiff": _tiff, "jpeg
 # Shard files that are no tar at all
 
 
-_ARCHIVE_MAGIC = (
-    (b"\x1f\x8b", "gzip-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"BZh", "bzip2-compressed"),
-    (b"\xfd7zXZ\x00", "xz-compressed"), (b"\x04\x22\x4d\x18", "lz4-compressed"), (b"PK\x03\x04", "a zip archive"),
-    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+# Streams a tar may be compressed with: magic -> (name, the command that decompresses one).
+COMPRESSION_MAGIC = (
+    (b"\x1f\x8b", "gzip", "gzip -dc"), (b"\x28\xb5\x2f\xfd", "zstd", "zstd -dc"), (b"BZh", "bzip2", "bzip2 -dc"),
+    (b"\xfd7zXZ\x00", "xz", "xz -dc"), (b"\x04\x22\x4d\x18", "lz4", "lz4 -dc"),
 )
+_OTHER_ARCHIVES = ((b"PK\x03\x04", "a zip archive"), (b"7z\xbc\xaf\x27\x1c", "a 7z archive"))
+
+
+def compression_of(head: bytes) -> str | None:
+    """The compression a file starting with ``head`` is in, by its magic (``gzip``, ``zstd``,
+    ``bzip2``, ``xz``, ``lz4``), or None: decided by the bytes, whatever the file is named."""
+    for magic, name, _ in COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def compressed_reason(head: bytes) -> str | None:
+    """Why a compressed stream is no shard, with the command that makes one of it, or None."""
+    for magic, name, command in COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return (f"it is {name}-compressed; shards must be plain tar files (an index holds offsets into "
+                    f"the plain tar): decompress it, e.g. `{command} FILE > 00000.tar`")
+    return None
+
+
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -456,9 +477,12 @@ def not_a_tar(head: bytes) -> str | None:
         return None
     if head.startswith(_LFS_POINTER):
         return "not a tar archive: a Git LFS pointer file, not the shard itself (run `git lfs pull`)"
-    for magic, what in _ARCHIVE_MAGIC:
+    compressed = compressed_reason(head)
+    if compressed:
+        return f"not a tar archive: {compressed}"
+    for magic, what in _OTHER_ARCHIVES:
         if head.startswith(magic):
-            return f"not a tar archive: it is {what}; shards must be plain, uncompressed tar files"
+            return f"not a tar archive: it is {what}; shards must be plain tar files"
     if len(head) >= 263 and head[257:262] == b"ustar":
         return None
     name_ends = head.find(b"\0", 0, 101) >= 0

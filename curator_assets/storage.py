@@ -60,26 +60,28 @@ class UnsafeKeyError(ValueError):
     """A shard path that cannot be a Dagster partition key."""
 
 
-# Names of compressed tar archives -> the compression. They are listed so that they are
-# reported, never silently skipped: a shard must be a plain tar (offsets into it are the index).
-COMPRESSED_SUFFIXES = {
-    ".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tar.zstd": "zstd", ".tzst": "zstd",
-    ".tar.bz2": "bzip2", ".tbz2": "bzip2", ".tbz": "bzip2", ".tar.xz": "xz", ".txz": "xz", ".tar.lz4": "lz4",
-}
+# The names a shard file may have: a plain ``.tar``, or the name of a compressed tar. What a file
+# IS comes from its bytes, never from these names: a plain tar named ``.tar.gz`` is read as the tar
+# it is, and a compressed stream under any name is reported as such by every verb (``not_a_tar``).
+SHARD_SUFFIXES = (
+    ".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.zstd", ".tzst", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz",
+    ".tar.lz4",
+)
 
 
-def compressed_kind(path: str) -> str | None:
-    """The compression a file name says (``00000.tar.gz`` -> ``gzip``), or None."""
+def shard_suffix(path: str) -> str | None:
+    """The shard suffix ``path`` ends with, in its own case (``.TAR``, ``.tar.gz``), or None."""
     lower = path.lower()
-    for suffix, kind in COMPRESSED_SUFFIXES.items():
+    for suffix in SHARD_SUFFIXES:
         if lower.endswith(suffix):
-            return kind
+            return path[len(path) - len(suffix):]
     return None
 
 
-def compressed_reason(kind: str) -> str:
-    return (f"a {kind}-compressed shard, not decoded or indexed: shards must be plain .tar files (an index "
-            f"holds byte offsets into the uncompressed tar); decompress it first")
+def shard_stem(path: str) -> str:
+    """``path`` without its shard suffix (``a/00000.tar.gz`` -> ``a/00000``); unchanged without one."""
+    suffix = shard_suffix(path)
+    return path[: len(path) - len(suffix)] if suffix else path
 
 
 def partition_key_problem(key: str) -> str | None:
@@ -100,12 +102,11 @@ def partition_key_problem(key: str) -> str | None:
 
 def key_for_relpath(relpath: str) -> str:
     """Partition key for a shard path relative to the dataset root (raises UnsafeKeyError)."""
-    if relpath.lower().endswith(".tar"):
-        relpath = relpath[:-4]
-    problem = partition_key_problem(relpath)
+    key = shard_stem(relpath)
+    problem = partition_key_problem(key)
     if problem:
-        raise UnsafeKeyError(f"shard {relpath + '.tar'!r} cannot be a partition key: {problem}; rename it")
-    return relpath
+        raise UnsafeKeyError(f"shard {relpath!r} cannot be a partition key: {problem}; rename it")
+    return key
 
 
 def fingerprint_of(info: dict[str, Any]) -> str:
@@ -704,7 +705,7 @@ class Dataset:
         self.local = _is_local(self.fs)
         path = path.rstrip("/") or "/"
         self.single: str | None = None
-        if (path.lower().endswith(".tar") or compressed_kind(path)) and not self._isdir(path):
+        if (not self._isdir(path)) if shard_suffix(path) else self._isfile(path):
             self.single = path
             path = posixpath.dirname(path) or "/"
         self.root = path
@@ -740,6 +741,13 @@ class Dataset:
         except Exception:  # noqa: BLE001 - any store error means "not a folder we can list"
             return False
 
+    def _isfile(self, path: str) -> bool:
+        """A file named by the user is taken as a shard whatever its name (its bytes decide)."""
+        try:
+            return self.fs.isfile(path)
+        except Exception:  # noqa: BLE001 - any store error: leave it to the listing to report
+            return False
+
     def url_of(self, path: str, fs=None) -> str:
         """A protocol-qualified URL in the scheme the user wrote (adlfs would say abfs:// for az://)."""
         fs = fs or self.fs
@@ -755,21 +763,23 @@ class Dataset:
         if key in self._paths:
             return self._paths[key]
         path = posixpath.join(self.root, key + ".tar")
-        if not self.fs.exists(path):
-            # The suffix may be in another case (00000.TAR): look in the folder once.
-            folder = posixpath.dirname(path)
-            for entry in self._ls(folder):
-                if entry.lower() == path.lower():
-                    path = entry
-                    break
+        if self.single is not None and shard_stem(posixpath.basename(self.single)) == key:
+            path = self.single
+        elif not self.fs.exists(path):
+            # The suffix may be in another case (00000.TAR) or another shard name (00000.tar.gz):
+            # look in the folder once. A plain .tar wins over the other names.
+            stem = posixpath.join(self.root, key)
+            named = {e: shard_suffix(e) for e in self._ls(posixpath.dirname(path))}
+            found = [e for e, suffix in named.items() if suffix and e[: len(e) - len(suffix)] == stem]
+            found.sort(key=lambda e: (named[e].lower() != ".tar", e))
+            path = found[0] if found else path
         self._paths[key] = path
         return path
 
     def index_path(self, key: str) -> str:
         if self.index_root is not None:
             return posixpath.join(self.index_root, key + ".idx")
-        shard = self.shard_path(key)
-        return shard[:-4] + ".idx"
+        return shard_stem(self.shard_path(key)) + ".idx"
 
     def output_path(self, kind: str, key: str, suffix: str) -> str:
         """Where a per-shard artifact lives: ``<output>/<kind>/<key><suffix>``."""
@@ -811,15 +821,11 @@ class Dataset:
         prefix = self.root.rstrip("/") + "/"
         seen: dict[str, str] = {}
         for path, info in entries.items():
-            compressed = None if path.lower().endswith(".tar") else compressed_kind(path)
-            if compressed is None and not path.lower().endswith(".tar"):
+            if shard_suffix(path) is None and path != self.single:
                 continue
             rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
             parts = rel.split("/")
             if any(p.startswith(".") for p in parts[:-1]) or parts[0] == OUTPUT_DIRNAME:
-                continue
-            if compressed is not None:
-                listing.rejected.append((self.url_of(path), compressed_reason(compressed)))
                 continue
             if info.get("type", "file") != "file":
                 if info.get("type") == "link":

@@ -20,6 +20,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
+from curator_assets.sniff import compressed_reason
+
 BLOCK = 512
 
 # Member types (the tar typeflag byte).
@@ -527,7 +529,7 @@ def _scan(reader: _Reader, recover: bool, total_size: int | None,
 
 def _bad_header(header: bytes, pos: int, problem: str, st: _ScanState) -> TarProblem:
     if not st.seen_any and pos == 0:
-        why = _compressed_hint(header) or f"first header is invalid: {problem}"
+        why = compressed_reason(header) or f"first header is invalid: {problem}"
         return TarProblem("tar_bad_header", pos, f"not a tar archive ({why})")
     return TarProblem("tar_bad_header", pos, f"invalid header: {problem}")
 
@@ -659,19 +661,6 @@ def _gnu_sparse_ext_blocks(reader: _Reader, base: int, offset: int) -> int:
         count += 1
         if len(block) < BLOCK or not block[504]:
             return count
-
-
-_COMPRESSED_MAGIC = (
-    (b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"), (b"PK\x03\x04", "zip"),
-)
-
-
-def _compressed_hint(header: bytes) -> str | None:
-    for magic, kind in _COMPRESSED_MAGIC:
-        if header.startswith(magic):
-            return f"it is {kind}-compressed; shards must be plain, uncompressed tar files"
-    return None
 
 
 def check_header(header: bytes) -> str | None:

@@ -65,7 +65,7 @@ def test_missing_path_no_shards_unwritable(tmp_path: Path, make_shard) -> None:
     assert res.returncode == 1 and "missing" in res.stderr
     (tmp_path / "empty-folder").mkdir()
     res = cli("index", str(tmp_path / "empty-folder"))
-    assert res.returncode == 1 and "no .tar shards" in res.stderr
+    assert res.returncode == 1 and "no shards found" in res.stderr
     make_shard("00000.tar", n=2)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")

@@ -192,7 +192,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def chromium(tmp_path: Path) -> list[str]:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:  # part of the test set-up, like the emulators: never skipped
-        pytest.fail("chromium is missing: apt-get install -y chromium (.ci/run installs it)")
+        pytest.fail("chromium is missing: apt-get install -y chromium (scripts/test.sh installs it)")
     return [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=20000"]
 
 

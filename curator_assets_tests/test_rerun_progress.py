@@ -167,3 +167,58 @@ def test_dataset_summaries_follow_shard_runs_without_a_click(tmp_path, photos):
         assert {k for k in summaries if after.get_num_requested(k) == 1} == summaries
         again = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
         assert again.total_requested == 0  # handled: no new shard run, no new request
+
+
+def _image_shas(tar_path: Path) -> set[str]:
+    import hashlib
+    import tarfile
+
+    with tarfile.open(tar_path) as t:
+        return {hashlib.sha256(t.extractfile(m).read()).hexdigest() for m in t.getmembers() if m.name.endswith(".jpg")}
+
+
+def _latest_metadata(asset: str) -> dict:
+    with dg.DagsterInstance.get() as instance:
+        record = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        assert record is not None, f"{asset} was not materialized"
+        return record.asset_materialization.metadata
+
+
+def test_run_and_rerun_materialize_both_dataset_summaries(tmp_path, home, photos):
+    """`run` ends with the validation and the decode summary in the instance (pictures, duplicate
+    images by sha256, failures by code) and prints their headlines; so does `rerun-failed`."""
+    folder = tmp_path / "ds"
+    write_shard(folder / "00000.tar", photos[:6])
+    cut = photos[6].jpg[: len(photos[6].jpg) // 2]  # a JPEG cut in half: no end marker
+    write_members(folder / "00001.tar", [("k0.jpg", cut), *_members(photos[7:9], ["k1", "k2"])])
+    shutil.copy(folder / "00000.tar", folder / "00002.tar")  # the same images under another shard name
+    copied = _image_shas(folder / "00002.tar")
+
+    out = io.StringIO()
+    assert run_pipeline(str(folder), as_json=True, out=out) == 1  # 00001's records-readable check warns
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["shard"] for r in rows[:-1] if not r["ok"]] == ["00001"]
+    summary = rows[-1]
+    assert summary["decode"]["duplicate_images"] == len(copied) == 6
+    assert summary["decode"]["records"] == 6 + 3 + 6 and summary["decode"]["decoded"] == 6 + 2 + 6
+    assert summary["decode"]["failures_by_code"] == {"jpeg_truncated": 1}
+    assert summary["dataset"]["cross_shard_duplicate_ids"] == 6
+
+    md = _latest_metadata("dataset_decode_summary")
+    assert md["duplicate_images"].value == len(copied)
+    for picture in ("image_sizes", "failures_by_shard"):
+        assert "data:image/png;base64," in md[picture].value
+    assert _latest_metadata("dataset_validation_summary")["cross_shard_duplicate_ids"].value == 6
+
+    write_members(folder / "00003.tar", _members(photos[12:15], ["a", "b", "a"]))  # fails: "a" twice
+    assert run_pipeline(str(folder), out=io.StringIO()) == 1
+    write_members(folder / "00003.tar", _members(photos[12:15], ["a", "b", "c"]))
+    out = io.StringIO()
+    rerun_failed(str(folder), out=out)
+    lines = out.getvalue().splitlines()
+    assert "00003: ok" in out.getvalue()
+    decode_line = next(line for line in lines if line.startswith("decode: "))
+    assert decode_line.startswith("decode: 17/18 records decoded in 4 manifests, 1 failed (jpeg_truncated 1)")
+    assert "6 images in more than one shard" in decode_line
+    assert any(line.startswith("dataset: 4/4 shards validated") for line in lines)
+    assert _latest_metadata("dataset_decode_summary")["records"].value == 18

@@ -152,7 +152,7 @@ def test_a_jpeg_with_a_trailer_is_complete(photos):
 @pytest.mark.parametrize("head, what", [
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 1234\n", "Git LFS"),
     (b"Just a readme, written by hand.\n" * 20, "text"),
-    (gzip.compress(b"x" * 1000)[:512], "gzip"),
+    (gzip.compress(b"x" * 1000, mtime=0)[:512], "gzip"),
     (b"\x28\xb5\x2f\xfd" + bytes(508), "zstd"),
     (random.Random(1).randbytes(512), "unknown data"),
 ])
@@ -313,6 +313,7 @@ def bad_inputs(tmp_path, photos) -> dict[str, Path]:
     (tmp_path / "mixed" / "00000.tar").write_bytes(data)
     (tmp_path / "mixed" / "00001.tar.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(100))
     (tmp_path / "mixed" / "00002.tgz").write_bytes(gzip.compress(data))
+    (tmp_path / "mixed" / "00003.tar.gz").write_bytes(data)  # a plain tar under a compressed name
     paths["compressed"] = tmp_path / "compressed"
     paths["mixed"] = tmp_path / "mixed"
     return paths
@@ -337,10 +338,15 @@ def test_decode_exit_codes(bad_inputs):
     assert truncated["ok"] is False and truncated["shard_errors"][0]["code"] == "tar_truncated"
     assert truncated["decoded"] >= 1 and truncated["manifest"]  # what could be read is in the manifest
     assert by_shard[str(bad_inputs["mixed"] / "00000.tar")]["ok"] is True
-    # Compressed shards: named, with the reason, beside plain shards and alone.
-    for name in ("compressed/00000.tar.gz", "mixed/00001.tar.zst", "mixed/00002.tgz"):
-        assert any(name in line and "compressed" in line for line in done.stderr.splitlines()), name
-    assert "no .tar shards found" not in done.stderr
+    # What a file is comes from its bytes: compressed streams are named by their magic, with a
+    # command that makes a shard of them; a plain tar named .tar.gz is decoded as the tar it is.
+    compressed = {"compressed/00000.tar.gz": ("gzip", "gzip -dc"), "mixed/00001.tar.zst": ("zstd", "zstd -dc"),
+                  "mixed/00002.tgz": ("gzip", "gzip -dc")}
+    for name, (kind, command) in compressed.items():
+        row = by_shard[str(bad_inputs["compressed"].parent / name)]
+        assert row["code"] == "not_a_tar" and f"{kind}-compressed" in row["error"] and command in row["error"]
+    misnamed = by_shard[str(bad_inputs["mixed"] / "00003.tar.gz")]
+    assert misnamed["ok"] is True and misnamed["decoded"] == 4
     assert "Traceback" not in done.stderr
 
 
@@ -349,7 +355,8 @@ def test_index_and_validate_name_non_tars(bad_inputs):
     assert done.returncode == 1
     rows = {r["shard"]: r for r in map(json.loads, done.stdout.splitlines())}
     assert rows[str(bad_inputs["lfs"])]["code"] == rows[str(bad_inputs["text"])]["code"] == "not_a_tar"
-    assert "gzip-compressed" in rows[None]["error"] and "00000.tar.gz" in rows[None]["error"]
+    gz = rows[str(bad_inputs["compressed"] / "00000.tar.gz")]
+    assert gz["code"] == "not_a_tar" and "gzip-compressed" in gz["error"]
     done = _cli("validate", str(bad_inputs["lfs"]), str(bad_inputs["truncated"]), "--json")
     assert done.returncode == 1
     rows = [json.loads(line) for line in done.stdout.splitlines()]
@@ -381,11 +388,20 @@ def test_record_level_problems_are_what_decode_fails(flagged):
     assert {p.code for p in dup.problem_records()["000"]} == {"jpeg_truncated", "not_jpeg"}
 
 
-def test_compressed_shards_are_listed_as_rejected(bad_inputs):
+def test_shards_are_what_their_bytes_say_whatever_their_name(bad_inputs, tmp_path):
     listing = Dataset(str(bad_inputs["mixed"])).list_shards()
-    assert [s.key for s in listing.shards] == ["00000"]
-    rejected = dict(listing.rejected)
-    assert sorted(Path(p).name for p in rejected) == ["00001.tar.zst", "00002.tgz"]
-    assert all("compressed" in why and "decompress" in why for why in rejected.values())
-    alone = Dataset(str(bad_inputs["compressed"] / "00000.tar.gz")).list_shards()  # named directly
-    assert not alone.shards and "gzip-compressed" in alone.rejected[0][1]
+    assert [s.key for s in listing.shards] == ["00000", "00001", "00002", "00003"] and not listing.rejected
+    dataset = Dataset(str(bad_inputs["mixed"]))
+    assert dataset.index_path("00003") == str(bad_inputs["mixed"] / "00003.idx")
+    report = validate_shard(dataset, "00003")
+    assert report.ok and report.records == 4
+    with tarfile.open(bad_inputs["mixed"] / "00003.tar.gz", "r:") as t:  # tarfile agrees: a plain tar
+        assert len(t.getmembers()) == 4
+    problems = [p for p in validate_shard(dataset, "00002").problems if p.severity == "error"]
+    assert [p.code for p in problems] == ["not_a_tar"] and "gzip-compressed" in problems[0].detail
+    # A single file named directly, with a name no shard has: read as the tar it is.
+    odd = tmp_path / "odd" / "shard-0.bin"
+    odd.parent.mkdir()
+    odd.write_bytes((bad_inputs["mixed"] / "00000.tar").read_bytes())
+    alone = Dataset(str(odd)).list_shards()
+    assert [s.key for s in alone.shards] == ["shard-0.bin"] and validate_shard(Dataset(str(odd)), "shard-0.bin").ok

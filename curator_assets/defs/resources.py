@@ -22,7 +22,7 @@ SECRET_ENV = {
 class ShardStorage(dg.ConfigurableResource):
     """Where the shards are (local path, file://, s3://, gs://, az://, abfs://) and how to reach them."""
 
-    dataset_url: str = Field(description="Folder of *.tar shards (or one .tar).")
+    dataset_url: str = Field(description="Folder of tar shards (or one shard file).")
     index_url: str | None = Field(default=None, description="Separate folder for .idx files (read-only datasets).")
     output_url: str | None = Field(
         default=None, description="Folder for reports and manifests (default: <index or dataset>/_curator)."
