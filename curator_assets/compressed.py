@@ -1,4 +1,5 @@
-"""Compressed tar shards (gzip, bzip2, xz, zstd), recognised by their first bytes, never by name.
+"""Compressed tar shards (gzip, bzip2, xz, zstd), recognised by their first bytes, never by name
+(the magic numbers live in :mod:`curator_assets.sniff`).
 
 A compressed shard cannot be indexed (an index holds byte offsets into the plain tar), so export
 turns it into a plain tar: :func:`spool_plain` streams the decompressed bytes into a local file,
@@ -12,28 +13,16 @@ import gzip
 import lzma
 from typing import IO, BinaryIO
 
-# Magic numbers -> compression. Read the first bytes of a file and ask :func:`compression_of`.
-MAGIC = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"),
-)
+from curator_assets.sniff import compression_of
+
+__all__ = ["CompressedInputError", "compression_of", "open_decompressed", "spool_plain"]
+
 SNIFF_BYTES = 6
 CHUNK = 1 << 20
 
 
 class CompressedInputError(ValueError):
     """A compressed shard whose stream is damaged (the message names the compression)."""
-
-
-def compression_of(head: bytes) -> str | None:
-    """The compression the first bytes of a file show (``gzip``, ``zstd``, ``bzip2``, ``xz``), or None
-    for anything else (a plain tar among it: its first block is a header, never one of these)."""
-    for magic, kind in MAGIC:
-        if head.startswith(magic):
-            return kind
-    return None
 
 
 def open_decompressed(raw: BinaryIO, kind: str) -> IO[bytes]:
@@ -45,6 +34,8 @@ def open_decompressed(raw: BinaryIO, kind: str) -> IO[bytes]:
         return bz2.BZ2File(raw, mode="rb")
     if kind == "xz":
         return lzma.LZMAFile(raw, mode="rb")
+    if kind == "lz4":
+        raise CompressedInputError("lz4-compressed: decompress it first (lz4 -dc FILE > 00000.tar)")
     if kind == "zstd":
         import zstandard
 
