@@ -114,12 +114,14 @@ def started_run(instance: dg.DagsterInstance, daemon: Daemon, first_key: str) ->
                     and r.status == dg.DagsterRunStatus.STARTED and WORKER_PID_TAG in r.tags and r, daemon)
 
 
-def worker_start(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[int, int]:
-    """(pid, parent pid) the run's worker recorded in its "Started process for run" event."""
+def worker_start(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[int, int | None]:
+    """(pid, fork server pid) the run's worker recorded in its "Started process for run" event
+    (None: not forked by a fork server, as Dagster's own launcher starts it)."""
     for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         if entry.message.startswith("Started process for run"):
             metadata = entry.dagster_event.engine_event_data.metadata
-            return int(metadata["pid"].value), int(metadata["fork_server_pid"].value)
+            server = metadata.get("fork_server_pid")
+            return int(metadata["pid"].value), None if server is None else int(server.value)
     raise AssertionError(f"no worker start event in run {run.run_id}")
 
 
