@@ -160,5 +160,8 @@ def test_a_killed_warm_run_worker_fails_its_run(daemon: Daemon, instance: dg.Dag
     wait_for("the decoder processes to end", lambda: all_gone(below), daemon, timeout=60)
     store.proxy.reset()
     store.add_shard("00001")
+    # A killed worker cannot give its `gpu` slot back: Dagster's run monitoring frees it
+    # (free_slots_after_run_end_seconds, checked on the monitoring daemon's poll: ~2 minutes here).
+    wait_for("run monitoring to free the gpu slot", lambda: gpu_slots_claimed(instance) == 0, daemon)
     after = finished_run(instance, daemon, "00001")
     assert after.status == dg.DagsterRunStatus.SUCCESS, daemon.log()
