@@ -128,7 +128,8 @@ def terminate_each_step(daemon: Daemon, instance: dg.DagsterInstance, store: Sto
         # Interrupted by the terminate, not failed by the store (a timeout or an error of the read).
         assert failures and all(f.cls_name == "DagsterExecutionInterruptedError" for f in failures), failures
         assert gpu_slots_claimed(instance) == 0
-        wait_for("the run's processes to end", lambda: all_gone({pid, *below}), daemon, timeout=60)
+        left = {pid, *below}
+        wait_for("the run's processes to end", lambda left=left: all_gone(left), daemon, timeout=60)
         store.proxy.reset()  # let go of the black-holed read
 
 
