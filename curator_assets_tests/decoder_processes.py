@@ -35,18 +35,29 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def decode_workers() -> dict[int, int]:
-    """Every decode worker now: its pid -> the pid of the process it decodes for (the zygote's parent)."""
+def _below(parents: dict[int, int], roots: set[int]) -> set[int]:
+    found, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {p for p, q in parents.items() if q in frontier} - found
+        found |= frontier
+    return found
+
+
+def decode_workers(roots: set[int]) -> dict[int, int]:
+    """The decode workers under the processes ``roots`` (other decoders on the machine are none
+    of a test's business): worker pid -> the pid of the process it decodes for."""
     parents = _parents()
-    zygotes = {pid: parent for pid, parent in parents.items() if ZYGOTE_MARK in _cmdline(pid)}
+    below = _below(parents, roots)
+    zygotes = {pid: parents[pid] for pid in below if ZYGOTE_MARK in _cmdline(pid)}
     return {pid: zygotes[parent] for pid, parent in parents.items() if parent in zygotes}
 
 
 class DecoderFreezer:
-    """While it runs, every decode worker that appears is stopped with SIGSTOP (checked every
-    0.05 s); :meth:`release` stops watching and continues them all."""
+    """While it runs, every decode worker that appears under the processes ``roots`` is stopped
+    with SIGSTOP (checked every 0.05 s); :meth:`release` stops watching and continues them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, roots: set[int]) -> None:
+        self.roots = set(roots)
         self.frozen: dict[int, int] = {}  # worker pid -> the process it decodes for
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -66,7 +77,7 @@ class DecoderFreezer:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.05):
-            for pid, caller in decode_workers().items():
+            for pid, caller in decode_workers(self.roots).items():
                 with self._lock:
                     if pid in self.frozen or self._stop.is_set():
                         continue

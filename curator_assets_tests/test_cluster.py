@@ -255,7 +255,7 @@ def test_pool_limit_two_allows_two_decodes(cluster: Cluster) -> None:
     cluster.instance.event_log_storage.set_concurrency_slots("gpu", 2)
     before = _run_ids(cluster)
     keys = [f"{i:05d}" for i in range(12, 16)]  # four runs: all start at once (max_concurrent_runs 4)
-    with DecoderFreezer() as freezer:
+    with DecoderFreezer({w.pid for w in cluster.workers.values()}) as freezer:
         cluster.add_shards(keys, records=200, start=100)
         _wait_two_held(cluster, freezer)
         held = freezer.callers()
