@@ -14,7 +14,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.instance import InstanceRef
 
 from curator_assets.demo import photo_records, write_shard
 from curator_assets.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG
@@ -77,7 +76,7 @@ def daemon_fixture(tmp_path: Path, monkeypatch) -> Iterator[Daemon]:
 
 @pytest.fixture(name="instance")
 def instance_fixture(daemon: Daemon) -> Iterator[dg.DagsterInstance]:
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(daemon.home))) as inst:
+    with dg.DagsterInstance.from_config(str(daemon.home)) as inst:
         yield inst
 
 
