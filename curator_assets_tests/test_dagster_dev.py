@@ -98,15 +98,18 @@ def wait_for_removal(home: Path, key: str, timeout: float = 120) -> None:
     """Until the sensor has deleted the partition ``key`` and recorded its removal."""
     import dagster as dg
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        deadline = time.time() + timeout
-        while key in instance.get_dynamic_partitions("shards"):
-            assert time.time() < deadline, f"partition {key} not deleted in {timeout:.0f} s"
-            time.sleep(0.5)
-        records = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("decoded_images"), asset_partitions=[key]), limit=5).records
-        removed = [r.asset_observation.metadata.get("removed") for r in records]
-        assert dg.MetadataValue.bool(True) in removed, records
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DAGSTER_HOME", str(home))  # the shipped pooled storage keeps its files there
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            deadline = time.time() + timeout
+            while key in instance.get_dynamic_partitions("shards"):
+                assert time.time() < deadline, f"partition {key} not deleted in {timeout:.0f} s"
+                time.sleep(0.5)
+            records = instance.fetch_observations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("decoded_images"), asset_partitions=[key]),
+                limit=5).records
+    removed = [r.asset_observation.metadata.get("removed") for r in records]
+    assert dg.MetadataValue.bool(True) in removed, records
 
 
 def failures(home: Path) -> str:
