@@ -94,6 +94,24 @@ def dagster_dev(tmp_path: Path, make_shard, automation: str):
         log.close()
 
 
+def wait_for_removal(home: Path, key: str, timeout: float = 120) -> None:
+    """Until the sensor has deleted the partition ``key`` and recorded its removal."""
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DAGSTER_HOME", str(home))  # the shipped pooled storage keeps its files there
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            deadline = time.time() + timeout
+            while key in instance.get_dynamic_partitions("shards"):
+                assert time.time() < deadline, f"partition {key} not deleted in {timeout:.0f} s"
+                time.sleep(0.5)
+            records = instance.fetch_observations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("decoded_images"), asset_partitions=[key]),
+                limit=5).records
+    removed = [r.asset_observation.metadata.get("removed") for r in records]
+    assert dg.MetadataValue.bool(True) in removed, records
+
+
 def failures(home: Path) -> str:
     """The step failures recorded in the instance, for a readable assertion message."""
     import dagster as dg
@@ -153,10 +171,12 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     assert latest, "dataset_decode_summary was not materialized without a click"
     assert {"image_sizes", "duplicate_images", "records"} <= {e["label"] for e in latest[0]["metadataEntries"]}
 
-    # A shard deleted and uploaded again with other bytes is processed again.
+    # A shard deleted and uploaded again with other bytes is processed again. The sensor must see
+    # a delete, not a change: the partition goes (a changed shard keeps it) and the removal is
+    # recorded; only then does the shard come back.
     shard = tmp_path / "dataset" / "00002.tar"
     shard.unlink()
-    time.sleep(4)  # a few sensor ticks see it gone
+    wait_for_removal(tmp_path / "home", "00002")
     make_shard("00002.tar", n=3)
     deadline = time.time() + 240
     rerun: list[dict] = []
