@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import requests
 
@@ -199,10 +200,36 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     summary = rendered_text(base + "/assets/dataset_decode_summary", tmp_path)
     for expected in ("duplicate_images", "records", "images_per_s"):
         assert expected in summary, (expected, summary[:2000])
+    assert gql(url, "mutation { setNuxSeen }")["setNuxSeen"]  # the first visit's dialog, skipped as a user would
     shot = screenshot(base + "/assets/decoded_images?view=partitions&partition=00000", tmp_path)
     with Image.open(shot) as im:
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50, "the screenshot is blank"
+    if os.environ.get(DOCS_PICTURES):
+        save_docs_pictures(shot, tmp_path / "home", Path(os.environ[DOCS_PICTURES]))
+
+
+# scripts/docs-pictures.sh sets it: the README's pictures are the ones this test takes.
+DOCS_PICTURES = "CURATOR_DOCS_PICTURES"
+
+
+def save_docs_pictures(shot: Path, home: Path, folder: Path) -> None:
+    """The screenshot, and the contact sheet of shard 00000 as its materialization holds it."""
+    import base64
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, folder / "dagster-ui.png")
+    before = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)  # the instance's storage lives in its home
+    try:
+        with dg.DagsterInstance.get() as instance:
+            records = instance.fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("decoded_images"), asset_partitions=["00000"]), limit=1).records
+    finally:
+        os.environ.pop("DAGSTER_HOME") if before is None else os.environ.update(DAGSTER_HOME=before)
+    sheet = records[0].asset_materialization.metadata["contact_sheet"].value
+    png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", sheet).group(1))
+    (folder / "contact-sheet.png").write_bytes(png)
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
