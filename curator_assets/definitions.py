@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from curator_assets.defs import assets, automation, checks, jobs, schedules, sensors
+from curator_assets.defs import assets, automation, checks, export_assets, jobs, schedules, sensors
 from curator_assets.defs.resources import ShardStorage, storage_from_env
 
 
 def build_definitions(storage: ShardStorage | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([assets]),
+        assets=dg.load_assets_from_modules([assets, export_assets]),
         asset_checks=dg.load_asset_checks_from_modules([checks]),
         jobs=[jobs.shard_pipeline],
         sensors=[sensors.shard_sensor, automation.dataset_automation_sensor],

@@ -1,6 +1,6 @@
 """Real Redis and Postgres servers for the cluster tests, on loopback, in a temp folder.
 
-Both come from Debian (`redis-server`, `postgresql`; `.ci/run` installs them). A missing binary
+Both come from Debian (`redis-server`, `postgresql`; `scripts/test.sh` installs them). A missing binary
 fails the set-up with the package to install: the tests never pass by skipping the cluster.
 """
 

@@ -28,6 +28,7 @@ import yaml
 
 from curator_assets.cli.demo import PhotoRecord, photo_records, write_shard
 from curator_assets_tests.cluster_services import postgres_server, redis_server
+from curator_assets_tests.decoder_processes import DecoderFreezer
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -99,7 +100,6 @@ def _environment(home: Path, dataset: Path, celery_yaml: Path, redis_url: str, p
             "CURATOR_CELERY_BACKEND": f"{redis_url}/1", "CURATOR_DATASET_URL": str(dataset),
             "CURATOR_SENSOR_INTERVAL": "1", "CURATOR_RUN_SLOTS": "100",  # one shard per run
             "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO),
-            "CURATOR_TEST_GATE_DIR": str(home.parent / "gate"),  # closed only by the control test
             "DAGSTER_GRPC_TIMEOUT_SECONDS": "300",  # a code server on a loaded 2-core machine answers slowly
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
 
@@ -110,7 +110,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
     tmp = tmp_path_factory.mktemp("cluster")
     home, dataset, logs = tmp / "home", tmp / "dataset", tmp / "logs"
-    for d in (home, dataset, logs, tmp / "gate"):
+    for d in (home, dataset, logs):
         d.mkdir()
     with redis_server(tmp / "redis") as redis_url, postgres_server() as pg, pytest.MonkeyPatch.context() as mp:
         celery_yaml = _config_files(tmp, home)
@@ -250,33 +250,29 @@ def test_dozen_shards_across_two_workers(cluster: Cluster) -> None:
 
 def test_pool_limit_two_allows_two_decodes(cluster: Cluster) -> None:
     """The control: at limit 2 the same measurement does see two decodes at once. Runs reach
-    their decode step seconds apart on a loaded machine, so the decoder workers' gate (a test
-    hook) holds every decode until two steps, in two worker processes, are decoding."""
+    their decode step seconds apart on a loaded machine, so every decoder process is held with
+    SIGSTOP as it appears until two steps, in two worker processes, hold the pool's two slots."""
     cluster.instance.event_log_storage.set_concurrency_slots("gpu", 2)
     before = _run_ids(cluster)
     keys = [f"{i:05d}" for i in range(12, 16)]  # four runs: all start at once (max_concurrent_runs 4)
-    gate = Path(cluster.env["CURATOR_TEST_GATE_DIR"])
-    (gate / "closed").touch()
-    try:
+    with DecoderFreezer({w.pid for w in cluster.workers.values()}) as freezer:
         cluster.add_shards(keys, records=200, start=100)
-        held = _wait_held(gate, 2)
-    finally:
-        (gate / "closed").unlink()
+        _wait_two_held(cluster, freezer)
+        held = freezer.callers()
     runs = _assert_all_succeeded(cluster, _wait_runs(cluster, keys, before), keys)
-    assert len(held) == 2, held  # two steps (worker-a has two pool processes), though four runs waited
+    assert len(held) == 2, held  # two step processes (worker-a has two pool processes), though four runs waited
     assert max_overlap(_decode_intervals(cluster, runs)) == 2
 
 
-def _wait_held(gate: Path, steps: int, timeout: float = 200) -> set[str]:
-    """The step processes (parents of decoder workers) held at the gate, once there are ``steps``."""
+def _wait_two_held(c: Cluster, freezer: DecoderFreezer, timeout: float = 300) -> None:
+    """Until both slots of the `gpu` pool are claimed by decode steps whose decoders are held."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        held = {p.name.split("-")[0] for p in gate.iterdir() if p.name != "closed"}
-        if len(held) >= steps:
-            time.sleep(3)  # a third one, if the pool let it through, would show up now
-            return {p.name.split("-")[0] for p in gate.iterdir() if p.name != "closed"}
+        info = c.instance.event_log_storage.get_concurrency_info("gpu")
+        if len(info.claimed_slots) == 2 and len(freezer.callers()) >= 2:
+            return
         time.sleep(0.2)
-    pytest.fail(f"fewer than {steps} decodes held at once in {timeout:.0f} s: {sorted(gate.iterdir())}")
+    pytest.fail(f"fewer than 2 decodes held at once in {timeout:.0f} s: {freezer.frozen}")
 
 
 def _wait_decode_started(c: Cluster, worker: str, timeout: float = 300) -> str:

@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import requests
 
@@ -94,6 +95,24 @@ def dagster_dev(tmp_path: Path, make_shard, automation: str):
         log.close()
 
 
+def wait_for_removal(home: Path, key: str, timeout: float = 120) -> None:
+    """Until the sensor has deleted the partition ``key`` and recorded its removal."""
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DAGSTER_HOME", str(home))  # the shipped pooled storage keeps its files there
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            deadline = time.time() + timeout
+            while key in instance.get_dynamic_partitions("shards"):
+                assert time.time() < deadline, f"partition {key} not deleted in {timeout:.0f} s"
+                time.sleep(0.5)
+            records = instance.fetch_observations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("decoded_images"), asset_partitions=[key]),
+                limit=5).records
+    removed = [r.asset_observation.metadata.get("removed") for r in records]
+    assert dg.MetadataValue.bool(True) in removed, records
+
+
 def failures(home: Path) -> str:
     """The step failures recorded in the instance, for a readable assertion message."""
     import dagster as dg
@@ -153,10 +172,12 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     assert latest, "dataset_decode_summary was not materialized without a click"
     assert {"image_sizes", "duplicate_images", "records"} <= {e["label"] for e in latest[0]["metadataEntries"]}
 
-    # A shard deleted and uploaded again with other bytes is processed again.
+    # A shard deleted and uploaded again with other bytes is processed again. The sensor must see
+    # a delete, not a change: the partition goes (a changed shard keeps it) and the removal is
+    # recorded; only then does the shard come back.
     shard = tmp_path / "dataset" / "00002.tar"
     shard.unlink()
-    time.sleep(4)  # a few sensor ticks see it gone
+    wait_for_removal(tmp_path / "home", "00002")
     make_shard("00002.tar", n=3)
     deadline = time.time() + 240
     rerun: list[dict] = []
@@ -179,10 +200,36 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     summary = rendered_text(base + "/assets/dataset_decode_summary", tmp_path)
     for expected in ("duplicate_images", "records", "images_per_s"):
         assert expected in summary, (expected, summary[:2000])
+    assert gql(url, "mutation { setNuxSeen }")["setNuxSeen"]  # the first visit's dialog, skipped as a user would
     shot = screenshot(base + "/assets/decoded_images?view=partitions&partition=00000", tmp_path)
     with Image.open(shot) as im:
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50, "the screenshot is blank"
+    if os.environ.get(DOCS_PICTURES):
+        save_docs_pictures(shot, tmp_path / "home", Path(os.environ[DOCS_PICTURES]))
+
+
+# scripts/docs-pictures.sh sets it: the README's pictures are the ones this test takes.
+DOCS_PICTURES = "CURATOR_DOCS_PICTURES"
+
+
+def save_docs_pictures(shot: Path, home: Path, folder: Path) -> None:
+    """The screenshot, and the contact sheet of shard 00000 as its materialization holds it."""
+    import base64
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, folder / "dagster-ui.png")
+    before = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)  # the instance's storage lives in its home
+    try:
+        with dg.DagsterInstance.get() as instance:
+            records = instance.fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("decoded_images"), asset_partitions=["00000"]), limit=1).records
+    finally:
+        os.environ.pop("DAGSTER_HOME") if before is None else os.environ.update(DAGSTER_HOME=before)
+    sheet = records[0].asset_materialization.metadata["contact_sheet"].value
+    png = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)", sheet).group(1))
+    (folder / "contact-sheet.png").write_bytes(png)
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -192,7 +239,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def chromium(tmp_path: Path) -> list[str]:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:  # part of the test set-up, like the emulators: never skipped
-        pytest.fail("chromium is missing: apt-get install -y chromium (.ci/run installs it)")
+        pytest.fail("chromium is missing: apt-get install -y chromium (scripts/test.sh installs it)")
     return [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=20000"]
 
 

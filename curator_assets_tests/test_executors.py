@@ -1,13 +1,14 @@
 """Executor selection (CURATOR_EXECUTOR), the Celery config, and the Kubernetes deployment on
-paper: the Job specs dagster-k8s builds for each step of ``shard_pipeline`` from the executor
-config and the op tags (no cluster here). The container context is put together as
-``K8sStepHandler`` does it: the executor's config, then the step's ``dagster-k8s/config`` tag."""
+paper (no cluster here): the Job specs dagster-k8s's own construction functions build for each
+step of ``shard_pipeline`` from the executor config and the step's tags, checked against what
+Kubernetes must be told (literal values, not the project's constants) and validated, with the
+deploy/k8s objects, against the Kubernetes API schemas (kubernetes-validate)."""
 
 from __future__ import annotations
 
 import pytest
 
-from curator_assets.defs.executors import GPU_NODE_SELECTOR, k8s_executor, k8s_executor_config
+from curator_assets.defs.executors import k8s_executor, k8s_executor_config
 
 RUN_ID = "0123abcd-0000-4000-8000-000000000000"
 
@@ -36,8 +37,8 @@ def _executor_context(config: dict):
     )
 
 
-def step_job(step_key: str) -> dict:
-    """The Kubernetes Job (as a dict) for one step of shard_pipeline."""
+def step_job_object(step_key: str):
+    """The Kubernetes Job (a kubernetes client V1Job) for one step of shard_pipeline."""
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import (
         DagsterK8sJobConfig,
@@ -57,7 +58,22 @@ def step_job(step_key: str) -> dict:
         user_defined_k8s_config=context.run_k8s_config, labels={"dagster/op": step_key},
         env_vars=[{"name": "DAGSTER_RUN_STEP_KEY", "value": step_key}],
     )
-    return job.to_dict()
+    return job
+
+
+def step_job(step_key: str) -> dict:
+    return step_job_object(step_key).to_dict()
+
+
+def k8s_validate(obj: dict) -> None:
+    """Validate against the Kubernetes API schema of the newest version kubernetes-validate ships;
+    strict: an unknown field is an error too."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        raise AssertionError(f"{obj.get('kind')} {obj.get('metadata', {}).get('name')}: {exc}") from None
 
 
 def test_the_k8s_executor_is_selected_and_its_config_valid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,7 +92,7 @@ def test_decode_step_asks_for_a_gpu_on_a_gpu_node() -> None:
     container = pod["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
-    assert pod["node_selector"] == GPU_NODE_SELECTOR
+    assert pod["node_selector"] == {"nvidia.com/gpu.present": "true"}  # the GPU operator's node label
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in [
         {k: v for k, v in t.items() if v is not None} for t in pod["tolerations"]]
     assert pod["restart_policy"] == "Never"
@@ -94,6 +110,44 @@ def test_cpu_steps_ask_for_no_gpu_and_go_anywhere(step_key: str) -> None:
     assert resources["requests"]["cpu"] == "1"
     assert not pod.get("node_selector")
     assert not pod.get("tolerations")
+
+
+@pytest.mark.parametrize("step_key", ["shard_index", "shard_validation", "decoded_images"])
+def test_step_jobs_are_valid_kubernetes_jobs(step_key: str) -> None:
+    from kubernetes.client import ApiClient
+
+    k8s_validate(ApiClient().sanitize_for_serialization(step_job_object(step_key)))  # the JSON sent to the API
+
+
+def test_k8s_validation_catches_a_bad_job() -> None:
+    """The validator is no rubber stamp: a GPU count as a number, and an unknown field, fail."""
+    from kubernetes.client import ApiClient
+
+    job = ApiClient().sanitize_for_serialization(step_job_object("decoded_images"))
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    for bad in ({**container, "resources": {"limits": {"nvidia.com/gpu": [1]}}}, {**container, "gpus": "1"}):
+        job["spec"]["template"]["spec"]["containers"][0] = bad
+        with pytest.raises(AssertionError):
+            k8s_validate(job)
+
+
+def test_deploy_files_are_valid_kubernetes() -> None:
+    """deploy/k8s/curator-env.yaml object by object, and the Kubernetes parts of the Helm values
+    (the run pod's resources) inside a Pod. The chart's own values schema is not checked here."""
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+    docs = list(yaml.safe_load_all((deploy / "curator-env.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Secret"]
+    for doc in docs:
+        k8s_validate(doc)
+    values = yaml.safe_load((deploy / "values.yaml").read_text())
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "run"},
+           "spec": {"containers": [{"name": "run", "image": "x", "resources": launcher["resources"]}]}}
+    k8s_validate(pod)
 
 
 def test_deploy_files_name_what_the_executor_reads() -> None:

@@ -27,15 +27,17 @@ import resource
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from curator_assets.decode import DecodeError, DecodeOptions, ShardDecoder, decode_shard
 from curator_assets.formats.idx import IndexFormatError, parse_index
-from curator_assets.formats.report import CODES
+from curator_assets.formats.report import CODES, ERROR
 from curator_assets.formats.tar_members import TarError, split_key
 from curator_assets.steps.index import ensure_index
 from curator_assets.steps.validate import validate_shard
@@ -220,17 +222,28 @@ def bounded(pool: ThreadPoolExecutor, call, *args):
     return pool.submit(call, *args).result(timeout=120)  # a hang fails the test instead of the suite
 
 
-def check_validate(dataset: Dataset, what: str) -> None:
+def check_validate(dataset: Dataset, what: str) -> set[str]:
+    """The codes of the mutant's problems (all of them documented)."""
     report = validate_shard(dataset, "00000")
-    unknown = {p.code for p in report.problems} - set(CODES)
-    assert not unknown, (what, unknown)
+    codes = {p.code for p in report.problems}
+    assert not codes - set(CODES), (what, codes - set(CODES))
+    return codes
 
 
-def check_decode(dataset: Dataset, data: bytes, view, seed: Seed, decoder: ShardDecoder, what: str) -> None:
+def refused(exc: Exception, what: str) -> str:
+    """A verb's refusal: one of the project's errors, naming the shard; its class name."""
+    assert isinstance(exc, OURS), (what, exc)
+    assert "00000" in str(exc), (what, str(exc))  # the user is told which shard
+    return type(exc).__name__
+
+
+def check_decode(dataset: Dataset, data: bytes, view, seed: Seed, decoder: ShardDecoder, what: str) -> str:
+    """``manifest`` when the rows were checked and the manifest written matches them, else the
+    name of the project's error that refused the shard."""
     try:
-        result, rows = decode_shard(dataset, "00000", decoder=decoder, write=False)
-    except OURS:
-        return
+        result, rows = decode_shard(dataset, "00000", decoder=decoder)
+    except OURS as exc:
+        return refused(exc, what)
     for row in rows:
         assert row.decoded or row.error, (what, row)
         if row.sha256 is None:
@@ -246,13 +259,21 @@ def check_decode(dataset: Dataset, data: bytes, view, seed: Seed, decoder: Shard
             assert hashlib.sha256(data[row.offset : row.offset + row.size]).hexdigest() == row.sha256
     missing = record_keys(view) - {r.record_id for r in rows}
     assert not missing or result.problems, (what, missing)
+    # The manifest, read back with pyarrow: every row as decode returned it.
+    table = pq.read_table(result.manifest_url)
+    assert table.column("record_id").to_pylist() == [r.record_id for r in rows], what
+    assert table.column("decoded").to_pylist() == [r.decoded for r in rows], what
+    assert table.column("sha256").to_pylist() == [r.sha256 for r in rows], what
+    return "manifest"
 
 
-def check_index(dataset: Dataset, folder: Path, data: bytes, view, seed: Seed, what: str) -> None:
+def check_index(dataset: Dataset, folder: Path, data: bytes, view, seed: Seed, what: str) -> str:
+    """``index`` when the index written or kept was checked against the tar, else the name of
+    the project's error that refused the shard."""
     try:
         ensure_index(dataset, "00000")
-    except OURS:
-        return
+    except OURS as exc:
+        return refused(exc, what)
     index = parse_index((folder / "00000.idx").read_bytes())
     for record in index.records:
         for comp in record.components:
@@ -263,12 +284,58 @@ def check_index(dataset: Dataset, folder: Path, data: bytes, view, seed: Seed, w
             # Otherwise tarfile's reading (GNU tar and tarfile differ on some damage, such as two
             # long-name headers in a row, where the writer's layout above decides).
             assert view.get(comp.offset, (None,))[:2] == (comp.name, comp.size), (what, comp)
+    return "index"
+
+
+@dataclass
+class Outcome:
+    kind: str  # the mutation: "tar:<kind>[,no-idx]", "idx:<kind>", "tar:<kind>,idx:<kind>"
+    tar_intact: bool  # the mutation left the tar's bytes as they were
+    idx: bytes | None  # the index given beside the tar
+    seed: Seed
+    codes: set[str]  # validation's problem codes
+    decoded: str  # "manifest" or the error that refused the shard
+    indexed: str  # "index" or the error that refused the shard
+
+
+# The seeded run (300 mutants) measured 207 through the row and manifest checks and 108 through
+# the index checks; these minimums fail the test when the checks stop being reached.
+MIN_MANIFEST, MIN_INDEX = 0.6, 0.3  # shares of the mutants
+SHARD_ERRORS = {code for code, (severity, _) in CODES.items() if severity == ERROR}  # a tar or index at fault
+
+
+def check_outcomes(outcomes: list[Outcome]) -> None:
+    """The layers each mutant reached, and what each class of mutant must produce."""
+    reached = Counter(o.decoded for o in outcomes) + Counter(o.indexed for o in outcomes)
+    assert reached["manifest"] >= MIN_MANIFEST * len(outcomes), reached
+    assert reached["index"] >= MIN_INDEX * len(outcomes), reached
+    for o in outcomes:
+        what = (o.kind, sorted(o.codes), o.decoded, o.indexed)
+        if o.tar_intact:
+            # A damaged index beside an intact tar: validation names it, decode refuses to
+            # trust it (a stale index would put one member's bytes under another ID), index
+            # rebuilds it.
+            assert o.indexed == "index", what
+            if o.idx == o.seed.idx:  # a mutation that changed nothing (a digit for itself)
+                assert o.codes == set() and o.decoded == "manifest", what
+            elif o.codes == {"idx_stale"}:
+                assert o.decoded == "StaleIndexError", what
+            else:
+                assert o.codes == {"idx_unreadable"} and o.decoded == "DecodeError", what
+            continue
+        if o.idx is None:
+            assert "idx_missing" in o.codes and o.decoded != "StaleIndexError", what
+        if o.indexed != "index":  # the index step refuses only a shard validation finds at fault
+            assert o.codes & SHARD_ERRORS - {"idx_stale", "idx_unreadable"}, what
+        if o.decoded != "manifest":  # so does decode
+            assert o.codes & SHARD_ERRORS, what
 
 
 def test_mutants_of_real_shards_through_every_verb(tmp_path: Path, seeds) -> None:
     rng = random.Random(SEED)
     decoder = ShardDecoder(DecodeOptions(device="cpu", batch_size=4, pipelines=1))
     kinds: set[str] = set()
+    outcomes: list[Outcome] = []
     with ThreadPoolExecutor(1) as pool:
         for n in range(MUTANTS):
             seed = seeds[n % len(seeds)]
@@ -282,10 +349,12 @@ def test_mutants_of_real_shards_through_every_verb(tmp_path: Path, seeds) -> Non
                 (folder / "00000.idx").write_bytes(idx)
             view = tarfile_view(tar, folder / "00000.tar")
             dataset = Dataset(str(folder))
-            bounded(pool, check_validate, dataset, what)
-            bounded(pool, check_decode, dataset, tar, view, seed, decoder, what)
-            bounded(pool, check_index, dataset, folder, tar, view, seed, what)
+            codes = bounded(pool, check_validate, dataset, what)
+            decoded = bounded(pool, check_decode, dataset, tar, view, seed, decoder, what)
+            indexed = bounded(pool, check_index, dataset, folder, tar, view, seed, what)
+            outcomes.append(Outcome(kind, tar == seed.tar, idx, seed, codes, decoded, indexed))
     assert len(kinds) >= 15  # the mix really covers the mutation kinds
+    check_outcomes(outcomes)
 
 
 def test_a_sample_of_mutants_through_the_cli_never_hangs_or_tracebacks(tmp_path: Path, seeds) -> None:

@@ -242,7 +242,7 @@ def bsdtar(out: Path, src: Path, files: list[tuple[str, bytes]], fmt: str) -> Pa
 def bsdtar_command() -> str:
     found = shutil.which("bsdtar")
     if found is None:  # part of the test set-up, like the emulators: never skipped
-        pytest.fail("bsdtar is missing: apt-get install -y libarchive-tools (.ci/run installs it)")
+        pytest.fail("bsdtar is missing: apt-get install -y libarchive-tools (scripts/test.sh installs it)")
     return found
 
 

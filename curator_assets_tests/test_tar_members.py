@@ -338,9 +338,11 @@ def test_a_header_with_foreign_magic_is_read_as_every_reader_reads_it(tmp_path: 
     with tarfile.open(path) as tar:
         expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
     assert [n for n, _, _ in expected] == [i.name for i in infos]
-    for tool in ("tar", "bsdtar"):
-        if shutil.which(tool):
-            listed = subprocess.run([tool, "-tf", str(path)], capture_output=True, text=True, check=True).stdout
-            assert listed.split("\n")[:-1] == [i.name for i in infos], tool
+    for tool, package in (("tar", "tar"), ("bsdtar", "libarchive-tools")):
+        command = shutil.which(tool)
+        if command is None:
+            pytest.fail(f"{tool} is missing: apt-get install -y {package} (.ci/run installs it)", pytrace=False)
+        listed = subprocess.run([command, "-tf", str(path)], capture_output=True, text=True, check=True).stdout
+        assert listed.split("\n")[:-1] == [i.name for i in infos], tool
     scan = scan_tar(io.BytesIO(bytes(raw)))
     assert scan.problems == [] and [(m.name, m.offset, m.size) for m in scan.members] == expected

@@ -40,7 +40,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get install -y -q "${missing[@]}" >/dev/null
   else
     echo "scripts/test.sh: the tests need these Debian packages: ${missing[*]}" >&2
     echo "  install them as root: apt-get install -y ${missing[*]}" >&2

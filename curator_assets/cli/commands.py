@@ -353,6 +353,35 @@ def cmd_rerun_failed(args: argparse.Namespace) -> int:
                         storage_options=dict(args.storage_options or []))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export SRC to DST; 1 when an input shard gave nothing (its one-line error on stderr), 2
+    when the export cannot start (DST inside SRC, a bad option)."""
+    from curator_assets.steps.export import ExportError, ExportOptions, export_dataset
+    from curator_assets.store.errors import StorageError
+
+    options = ExportOptions(records_per_shard=args.records_per_shard, keep_duplicates=args.keep_duplicates,
+                            include_failed=args.include_failed, shuffle_seed=args.shuffle,
+                            max_pixels=args.max_pixels)
+    log = None if args.json else (lambda msg: print(msg, flush=True))
+    try:
+        result = export_dataset(args.src, args.output, options, storage_options=dict(args.storage_options or []),
+                                log=log)
+    except (ExportError, StorageError) as exc:
+        _err(str(exc))
+        return 2
+    for line in result.errors:
+        _err(line)
+    if args.json:
+        print(json.dumps(result.as_dict()), flush=True)
+    else:
+        for note in result.notes:
+            print(f"note: {note}", flush=True)
+        left = ", ".join(f"{n} {code}" for code, n in result.left_out.items()) or "none"
+        print(f"{result.output}: {result.kept}/{result.records} records kept in {result.shards} shard(s) "
+              f"({len(result.written)} written, {result.unchanged} unchanged); left out: {left}", flush=True)
+    return 0 if result.ok else 1
+
+
 def _storage_option_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-option", dest="storage_options", action="append", type=storage_option,
                    metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable; "
@@ -454,6 +483,25 @@ def _add_rerun_failed(sub) -> None:
     p.set_defaults(func=cmd_rerun_failed)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the records that passed as new shards with indexes and one manifest")
+    p.add_argument("src", metavar="SRC", help="dataset folder or URL (plain or compressed .tar shards)")
+    p.add_argument("--output", required=True, metavar="DST", help="folder or URL for the shards and manifest.parquet")
+    p.add_argument("--records-per-shard", type=int, default=10_000, metavar="N",
+                   help="records in each output shard, the last may hold fewer (default: 10000)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep every copy of an image (default: the first in input order, by sha256)")
+    p.add_argument("--include-failed", action="store_true",
+                   help="keep records whose image failed to decode (validation's verdicts still apply)")
+    p.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                   help="spread the records over the shards in a random order given by SEED")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, metavar="N",
+                   help="for shards validated and decoded by the export: the pixel limit (default: 100 megapixels)")
+    _storage_option_arg(p)
+    p.add_argument("--json", action="store_true", help="one JSON object with the export's counts")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curator-assets",
@@ -466,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_run(sub)
     _add_rerun_failed(sub)
+    _add_export(sub)
     return parser
 
 

@@ -459,7 +459,8 @@ def compressed_reason(head: bytes) -> str | None:
     for magic, name, command in COMPRESSION_MAGIC:
         if head.startswith(magic):
             return (f"it is {name}-compressed; shards must be plain tar files (an index holds offsets into "
-                    f"the plain tar): decompress it, e.g. `{command} FILE > 00000.tar`")
+                    f"the plain tar): decompress it (`{command} FILE > 00000.tar`), or let `curator-assets "
+                    f"export` write plain shards with indexes from it")
     return None
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 from curator_assets.store.errors import STORE_DENIED, STORE_WRITE_FAILED, StorageError
 from curator_assets.store.fs import is_local
@@ -110,3 +113,50 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         raise StorageError(f"{fs.unstrip_protocol(path)}: permission denied writing", STORE_DENIED) from exc
 
 
+@contextmanager
+def atomic_file(fs, path: str) -> Iterator[IO[bytes]]:
+    """A file to stream a large object into; ``path`` shows it only once the block ends without
+    an error (readers see the old object or the whole new one, never part of it).
+
+    Local: a temp file in the target's folder (named as :func:`write_atomic`'s, so a killed
+    writer's is swept), fsync, then ``os.replace``. Object stores: a local temp file uploaded in one
+    ``put_file`` at the end (a multipart upload becomes visible only once complete). On an error
+    the temp file is removed and nothing is written.
+    """
+    import tempfile
+
+    local = is_local(fs)
+    folder = (os.path.dirname(path) or ".") if local else None
+    try:
+        if local:
+            os.makedirs(folder, exist_ok=True)
+            sweep_stale_temps(folder)
+            tmp = os.path.join(folder, f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}")
+            f = open(tmp, "xb")
+        else:
+            f = tempfile.NamedTemporaryFile(prefix=TEMP_PREFIX, delete=False)
+            tmp = f.name
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write here: {exc.strerror or exc}", STORE_WRITE_FAILED) from exc
+    try:
+        with f:
+            yield f
+            f.flush()
+            if local:
+                os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
+        else:
+            try:
+                fs.put_file(tmp, path)
+            except PermissionError as exc:
+                raise StorageError(f"{fs.unstrip_protocol(path)}: permission denied writing", STORE_DENIED) from exc
+    except BaseException as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise StorageError(f"{path}: cannot write: {exc.strerror or exc}", STORE_WRITE_FAILED) from exc
+        raise
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass

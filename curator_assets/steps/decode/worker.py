@@ -29,13 +29,6 @@ threads or a CUDA context is unsafe):
   endless loop) is killed, and :class:`DecoderHung` is raised: the shard decoder replays the
   batch one record at a time as after a crash, and the record that hangs again fails with
   ``decoder hung (no answer in N s)``.
-
-Test hooks: when ``CURATOR_TEST_CRASH_MARKER`` is set in the environment, the worker kills
-itself with SIGSEGV on a batch holding an image whose bytes contain that marker; with
-``CURATOR_TEST_HANG_MARKER``, it stops answering on such a batch; with ``CURATOR_TEST_GATE_DIR``,
-while ``<dir>/closed`` exists, it names itself in ``<dir>/<parent pid>-<pid>`` and holds each batch
-until the file is gone, so that a test can know two decodes are open at once (the variables are
-only ever set by tests; a real DALI segfault or hang is not reproducible on demand).
 """
 
 from __future__ import annotations
@@ -61,10 +54,6 @@ import curator_assets
 from curator_assets.steps.decode.engine import BatchDecodeFailed, ImageDecoder
 from curator_assets.steps.decode.options import DecodeOptions, DeviceChoice
 
-CRASH_MARKER_ENV = "CURATOR_TEST_CRASH_MARKER"
-HANG_MARKER_ENV = "CURATOR_TEST_HANG_MARKER"
-GATE_DIR_ENV = "CURATOR_TEST_GATE_DIR"
-GATE_LIMIT_SECONDS = 240.0  # well inside the parent's wait for an answer
 # A new worker imports DALI and builds its pipeline before its first answer: seconds on an idle
 # machine, tens on a loaded one. This much is allowed on top of the batch timeout.
 STARTUP_SECONDS = 120.0
@@ -73,7 +62,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(curator_assets.__file__)
 # its workers), then frozen out of its sight; a worker turns it on again once its pipeline is built.
 _BOOT = ("import gc, sys; gc.disable(); sys.path.insert(0, sys.argv[1]); "
          "from curator_assets.steps.decode.worker import zygote; zygote(int(sys.argv[2]))")
-HOOKS = (CRASH_MARKER_ENV, HANG_MARKER_ENV, GATE_DIR_ENV)
 _CALLER: int | None = None  # in a worker: the process it decodes for (its parent is the zygote)
 REAP_SECONDS = 0.05  # how often the zygote looks for workers that exited
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -135,15 +123,15 @@ def zygote(fd: int) -> None:
     try:
         while True:
             if conn.poll(REAP_SECONDS):
-                hooks = conn.recv()
-                children.add(_fork_worker(conn, recv_handle(conn), hooks, caller))
+                conn.recv()  # a fork request; the worker's end of its socket pair follows
+                children.add(_fork_worker(conn, recv_handle(conn), caller))
             _report_exits(conn, children)
     except (EOFError, OSError):
         return
 
 
-def _fork_worker(conn: Connection, fd: int, hooks: tuple, caller: int) -> int:
-    """Fork a worker serving ``fd``, with the caller's test hooks; its pid (sent to the caller)."""
+def _fork_worker(conn: Connection, fd: int, caller: int) -> int:
+    """Fork a worker serving ``fd``; its pid (sent to the caller)."""
     global _CALLER
     pid = os.fork()
     if pid == 0:  # the worker
@@ -151,11 +139,6 @@ def _fork_worker(conn: Connection, fd: int, hooks: tuple, caller: int) -> int:
         try:
             conn.close()
             _CALLER = caller
-            for name, value in zip(HOOKS, hooks, strict=True):
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
             main(fd)
             code = 0
         finally:
@@ -190,9 +173,6 @@ def main(fd: int) -> None:
 
 def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
     """Build one DALI pipeline, then decode batches until the pipe closes."""
-    marker = os.environ.get(CRASH_MARKER_ENV, "").encode() or None
-    hang = os.environ.get(HANG_MARKER_ENV, "").encode() or None
-    gate = os.environ.get(GATE_DIR_ENV) or None
     decoder = ImageDecoder(device, options)
     try:
         decoder.build()
@@ -213,27 +193,8 @@ def _serve(conn, device: DeviceChoice, options: DecodeOptions) -> None:
         if new_input is not None:
             inbuf = _open_input(new_input)
         arrays = _split(inbuf, lengths)
-        if marker is not None and any(marker in a.tobytes() for a in arrays):
-            os.kill(os.getpid(), signal.SIGSEGV)
-        while hang is not None and any(hang in a.tobytes() for a in arrays):
-            time.sleep(60)
-        if gate is not None:
-            _hold_at_gate(gate)
         serial += 1
         conn.send(_decode_reply(decoder, arrays, want_pixels, serial))
-
-
-def _hold_at_gate(gate: str) -> None:
-    """The gate test hook (module docstring): wait while ``<gate>/closed`` exists, at most
-    GATE_LIMIT_SECONDS."""
-    closed = os.path.join(gate, "closed")
-    if not os.path.exists(closed):
-        return
-    with open(os.path.join(gate, f"{_caller_pid()}-{os.getpid()}"), "w"):
-        pass
-    deadline = time.monotonic() + GATE_LIMIT_SECONDS
-    while os.path.exists(closed) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _open_input(name: str) -> mmap.mmap:
@@ -484,9 +445,8 @@ class ContainedDecoder:
         return self._conn is not None and self._process.poll() is None
 
     def _wanted(self) -> tuple:
-        """What makes two workers interchangeable (the test hooks are read when a worker starts)."""
-        hooks = (os.environ.get(CRASH_MARKER_ENV), os.environ.get(HANG_MARKER_ENV), os.environ.get(GATE_DIR_ENV))
-        return self.device, self.options, *hooks
+        """What makes two workers interchangeable."""
+        return self.device, self.options
 
     @property
     def pid(self) -> int | None:
@@ -556,9 +516,9 @@ class _Zygote:
             self.gone = True
             self._changed.notify_all()
 
-    def fork(self, fd: int, hooks: tuple) -> ForkedWorker:
+    def fork(self, fd: int) -> ForkedWorker:
         with self._send:
-            self._conn.send(hooks)
+            self._conn.send("fork")
             send_handle(self._conn, fd, self.process.pid)
             with self._changed:
                 # The zygote imports DALI before it answers its first request.
@@ -629,11 +589,10 @@ def _zygote() -> _Zygote:
 
 def _start_worker() -> tuple[ForkedWorker, Connection]:
     """A worker forked by this process's zygote, and the parent's end of its socket pair."""
-    hooks = tuple(os.environ.get(name) for name in HOOKS)  # as they are now, not as the zygote began
     for attempt in (1, 2):
         ours, theirs = socket.socketpair()
         try:
-            return _zygote().fork(theirs.fileno(), hooks), Connection(ours.detach())
+            return _zygote().fork(theirs.fileno()), Connection(ours.detach())
         except (EOFError, OSError):
             ours.close()
             if attempt == 2:
@@ -683,4 +642,4 @@ def _remove_leftovers(pid: int) -> None:
 
 
 __all__: list[Any] = ["ContainedDecoder", "DecoderCrashed", "WorkerOutput", "release", "crash_reason",
-                      "CRASH_MARKER_ENV", "DecoderHung", "HANG_MARKER_ENV", "hang_reason"]
+                      "DecoderHung", "hang_reason"]
