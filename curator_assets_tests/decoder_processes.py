@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 
-ZYGOTE_MARK = b"decode_worker import zygote"
+ZYGOTE_MARK = b"curator_assets.steps.decode.worker import zygote"
 
 
 def _parents() -> dict[int, int]:

@@ -209,11 +209,24 @@ def test_worker_boot_string_names_real_modules():
         assert missing(f"{module}.{name}") is None, boot
 
 
+def test_tests_find_the_zygote_by_its_boot_string():
+    """The test helper that finds decoder processes by command line matches the worker's boot string."""
+    from curator_assets_tests.decoder_processes import ZYGOTE_MARK
+
+    assert ZYGOTE_MARK.decode() in string_value("curator_assets.steps.decode.worker", "_BOOT")
+
+
+def the_module(leaf: str) -> str:
+    """The one project module named ``leaf`` (wherever the instance parts live)."""
+    [found] = [m for m in MODULES if m.rpartition(".")[2] == leaf]
+    return found
+
+
 def test_preload_lists_name_real_modules():
-    preload = [m for m in string_value("curator_assets.warm_preload", "MODULES") if m.startswith("curator_assets")]
-    preload.append(string_value("curator_assets.warm_preload", "DEFINITIONS_MODULE"))
-    launcher = [*string_value("curator_assets.launcher", "DEFAULT_MODULES"),
-                *string_value("curator_assets.launcher", "DEFAULT_PRELOAD")]
+    warm, launcher_module = the_module("warm_preload"), the_module("launcher")
+    preload = [m for m in string_value(warm, "MODULES") if m.startswith("curator_assets")]
+    preload.append(string_value(warm, "DEFINITIONS_MODULE"))
+    launcher = [*string_value(launcher_module, "DEFAULT_MODULES"), *string_value(launcher_module, "DEFAULT_PRELOAD")]
     assert preload and launcher
     assert [m for m in preload + launcher if m not in MODULES] == []
 
