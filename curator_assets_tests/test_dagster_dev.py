@@ -20,7 +20,7 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-LOCATION = "curator_assets.definitions"
+LOCATION = "curator_assets"
 
 pytestmark = pytest.mark.slow
 
