@@ -6,7 +6,7 @@ shard sensor under a real ``dagster-daemon``, side by side in one run.
 
 * ``cli``: ``curator-assets index DIR``, ``validate DIR``, ``decode DIR`` (one process each),
   wall time of the three from the first start to the last exit.
-* ``dagster``: a temporary ``DAGSTER_HOME`` with the repo's ``deploy/local/dagster.yaml``, the repo's
+* ``dagster``: a temporary ``DAGSTER_HOME`` with the repo's ``dagster.yaml``, the repo's
   ``workspace.yaml``, ``dagster-daemon run`` started first (the sensor at its shipped 30 s interval,
   whose first tick comes as the daemon starts; ``CURATOR_SENSOR_INTERVAL`` to change it). Timed from the
   first run's launch (its creation in the instance) to the last run's end, and also from the
@@ -73,7 +73,7 @@ def dagster_pass(folder: Path, home: Path, keys: set[str], timeout: float) -> di
     import dagster as dg
 
     home.mkdir(parents=True)
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(folder),
            "DAGSTER_DISABLE_TELEMETRY": "1"}  # the sensor at its shipped interval unless CURATOR_SENSOR_INTERVAL is set
     os.environ["DAGSTER_HOME"] = str(home)

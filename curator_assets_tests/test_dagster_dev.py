@@ -60,7 +60,7 @@ def dagster_dev(tmp_path: Path, make_shard, automation: str):
     make_shard("part-a/00001.tar", n=3)
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "deploy" / "local" / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(tmp_path / "dataset"),
            "CURATOR_SENSOR_INTERVAL": "1", "DAGSTER_DISABLE_TELEMETRY": "1", "CURATOR_AUTOMATION": automation}

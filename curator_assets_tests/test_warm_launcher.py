@@ -1,4 +1,4 @@
-"""The warm run launcher (curator_assets/launcher.py) under a real `dagster-daemon` with the repo's
+"""The warm run launcher (curator_assets/instance/launcher.py) under a real `dagster-daemon` with the repo's
 dagster.yaml: the sensor's runs fork from the daemon's warm run server and behave as runs of
 Dagster's own launcher do (a bad shard fails alone, terminate cancels, a worker killed with
 SIGKILL fails its run and the next run still runs), and a new daemon makes a new server."""
@@ -22,7 +22,7 @@ from dagster._core.storage.tags import GRPC_INFO_TAG
 
 from curator_assets.decode_worker import GATE_DIR_ENV
 from curator_assets.demo import photo_records, write_shard
-from curator_assets.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG, WarmRunLauncher
+from curator_assets.instance.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG, WarmRunLauncher
 
 REPO = Path(__file__).resolve().parents[1]
 START = "dagster/asset_partition_range_start"
@@ -73,7 +73,7 @@ def daemon(tmp_path: Path, monkeypatch) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     d.home.mkdir()
     d.dataset.mkdir()
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", d.home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", d.home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(d.home))
     dg.DagsterInstance.get().dispose()  # create the storage before the daemon and the runs race to
     try:
@@ -241,7 +241,7 @@ def test_fallback_to_dagsters_default_launcher(daemon: Daemon, instance: dg.Dags
 
 
 def _launches_runs_here(queue) -> None:
-    from curator_assets.launcher import launches_runs
+    from curator_assets.instance.launcher import launches_runs
 
     queue.put(launches_runs())
 
@@ -252,7 +252,7 @@ def test_a_run_worker_is_not_the_launching_process(monkeypatch, method: str) -> 
     daemon's sys.argv; it must not take itself for the daemon and start a fork server of its own."""
     import multiprocessing
 
-    from curator_assets.launcher import launches_runs
+    from curator_assets.instance.launcher import launches_runs
 
     monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "dagster-daemon"), "run"])
     assert launches_runs()  # the daemon itself

@@ -35,7 +35,7 @@ MODULES = (
     "PIL.Image",
     "curator_assets.decode",
     "curator_assets.decode_worker",
-    "curator_assets.launcher",
+    "curator_assets.instance.launcher",
     "nvidia.dali",
 )
 
