@@ -86,7 +86,7 @@ def test_eight_new_shards_are_one_run_on_dagsters_own_launcher(tmp_path: Path, m
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == set(keys), asset
         decoded = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("decoded_images"), asset_partitions=[keys[3]]), limit=1)
-        assert decoded.records[0].asset_materialization.metadata["dagster/row_count"].value == 4
+        assert decoded.records[0].asset_materialization.metadata["dagster/partition_row_count"].value == 4
     # Dagster's own SQLite layout, in the shipped file's folder.
     assert (home / ".dagster_home" / "history" / "runs.db").exists()
     assert log.read_text(errors="replace").count(FALLBACK_LINE) == 1
