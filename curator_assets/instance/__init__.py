@@ -5,7 +5,7 @@ process (``launcher.py``, ``warm_preload.py``) and SQLite storage with connectio
 (``sqlite_storage.py``). Both build on Dagster internals (``dagster._*``), so they are used only on
 the Dagster versions they were tested on (``TESTED``). On any other version, or with
 ``CURATOR_RUN_LAUNCHER=default``, the instance uses Dagster's own run launcher and SQLite storage
-(same files, tables and schema), and says so in one log line per process.
+(same files, tables and schema), and the process that launches runs says so in one log line.
 
 The classes ``dagster.yaml`` names are here (public Dagster API only), plus the storage class in
 ``sqlite_storage.py``; nothing outside this package imports ``dagster._*``::
@@ -56,10 +56,12 @@ def fallback_reason(version: str | None = None) -> str | None:
     return None
 
 
-def accelerated() -> bool:
-    """Whether to use the warm launcher and the pooled storage; when not, log why (once)."""
+def accelerated(say: bool = True) -> bool:
+    """Whether to use the warm launcher and the pooled storage; when not and ``say``, log why
+    (once per process). The run launcher says it: it is built where runs are launched (the
+    daemon), not in every code server and run worker that opens the instance."""
     reason = fallback_reason()
-    if reason is not None and not _said.is_set():
+    if reason is not None and say and not _said.is_set():
         _said.set()
         logger.warning("curator_assets.instance: %s: using Dagster's own run launcher and storage", reason)
     return reason is None

@@ -235,7 +235,7 @@ class InstanceStorage(DagsterSqliteStorage):
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict) -> DagsterSqliteStorage:
         from curator_assets.instance import accelerated
 
-        if accelerated():
+        if accelerated(say=False):  # the run launcher says it
             return PooledSqliteStorage.from_config_value(inst_data, config_value)
         base_dir = instance_folder(config_value.get("base_dir"))
         mkdir_p(base_dir)
