@@ -68,7 +68,7 @@ def dagster_dev(tmp_path: Path, make_shard, automation: str):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/graphql"
     deadline = time.time() + 180
@@ -120,8 +120,8 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     sensor = gql(url, SENSOR, {"sel": sel})["sensorOrError"]
     assert sensor["__typename"] == "Sensor", sensor
     assert sensor["sensorState"]["status"] == "RUNNING"  # on by default: nothing to click
-    # Started in the repo root with DAGSTER_HOME set, as the README says: no warning about an
-    # instance file beside it that would be ignored.
+    # Started in the folder of its dagster.yaml (DAGSTER_HOME), as the repo's is started in the repo
+    # root: no warning about an instance file beside it that would be ignored.
     assert "Found a dagster instance configuration" not in (tmp_path / "dagster-dev.log").read_text()
 
     deadline = time.time() + 240
