@@ -242,9 +242,13 @@ def test_the_classes_load_from_their_own_config(tmp_path: Path, config: str) -> 
         assert records_of(instance, "00005") == [5]
 
 
-def test_the_shipped_file_without_dagster_home_says_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+def test_the_shipped_file_without_dagster_home_keeps_its_storage_beside_it(tmp_path: Path, monkeypatch) -> None:
+    """Without DAGSTER_HOME, Dagster's CLI (dg dev, dg check defs) reads the dagster.yaml of the
+    current folder: the storage is then in that folder's .dagster_home, as with DAGSTER_HOME set."""
     home = shipped_home(tmp_path)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    with pytest.raises(dg.DagsterInvariantViolationError, match="DAGSTER_HOME"):
-        with open_instance(home):
-            pass
+    monkeypatch.chdir(home)
+    with open_instance(home) as instance:
+        materialize(instance, run_id(9), "00009")
+        assert records_of(instance, "00009") == [9]
+    assert (home / ".dagster_home" / "history" / "runs" / f"{run_id(9)}.db").exists()

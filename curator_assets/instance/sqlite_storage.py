@@ -32,7 +32,7 @@ versions it was tested on and Dagster's own ``DagsterSqliteStorage`` otherwise (
       custom:
         module: curator_assets.instance.sqlite_storage
         class: InstanceStorage
-        config: {base_dir: .dagster_home}  # relative to $DAGSTER_HOME (default: $DAGSTER_HOME itself)
+        config: {base_dir: .dagster_home}  # relative to $DAGSTER_HOME (or the current folder without it)
 
 Clusters use Postgres (``deploy/cluster/dagster.yaml``), whose storage pools its connections
 already.
@@ -48,7 +48,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as db
 import yaml
-from dagster import DagsterInvariantViolationError, Field
+from dagster import Field
 from dagster._config import StringSource
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
@@ -212,13 +212,12 @@ def _data(class_name: str, base_dir: str) -> ConfigurableClassData:
 
 
 def instance_folder(base_dir: str | None) -> str:
-    """The storage's folder: ``base_dir`` (relative to ``$DAGSTER_HOME``), or ``$DAGSTER_HOME``."""
-    home = os.environ.get("DAGSTER_HOME")
+    """The storage's folder: ``base_dir`` relative to the folder Dagster read ``dagster.yaml`` from:
+    ``$DAGSTER_HOME``, or, without it, the current folder (where ``dg dev``, ``dg check defs`` and
+    ``dagster dev`` read it then, beside a temporary instance folder they remove at exit)."""
     if base_dir and os.path.isabs(base_dir):
         return base_dir
-    if not home:
-        raise DagsterInvariantViolationError(
-            "the instance storage needs the instance's folder: set DAGSTER_HOME (or an absolute base_dir)")
+    home = os.environ.get("DAGSTER_HOME") or os.getcwd()
     return os.path.join(home, base_dir) if base_dir else home
 
 
