@@ -5,7 +5,7 @@ machine (Redis, Postgres, the daemon and the workers on loopback, as in tests/te
     python benchmarks/bench_cluster.py --shards 8 --records 500 --slots 4
 
 * ``cli``: the three CLI verbs, the work itself (bench_pipeline.cli_pass).
-* ``embedded``: the same sensor and daemon on the repo's deploy/local/dagster.yaml (SQLite, in-process executor).
+* ``embedded``: the same sensor and daemon on the repo's dagster.yaml (SQLite, in-process executor).
 * ``celery, 1 worker`` and ``celery, 2 workers``: deploy/cluster/dagster.yaml (Postgres) and
   deploy/cluster/celery.yaml; each worker takes both queues (``-q dagster,gpu``, one pool
   process), standing for one GPU machine; the ``gpu`` pool is set to the number of workers.
@@ -105,11 +105,11 @@ def _timed(instance, keys: set[str], timeout: float, where: Path) -> dict:
 
 
 def embedded_pass(folder: Path, home: Path, keys: set[str], slots: int, timeout: float) -> dict:
-    """The default: the repo's deploy/local/dagster.yaml (SQLite), the in-process executor, the same daemon."""
+    """The default: the repo's dagster.yaml (SQLite), the in-process executor, the same daemon."""
     import dagster as dg
 
     home.mkdir(parents=True)
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {k: v for k, v in _env(home, folder, "redis://unused", {}, slots).items()
            if not k.startswith("CURATOR_CELERY") and k != "CURATOR_EXECUTOR"}
     instance = dg.DagsterInstance.from_config(str(home))

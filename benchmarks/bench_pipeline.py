@@ -6,11 +6,15 @@ shard sensor under a real ``dagster-daemon``, side by side in one run.
 
 * ``cli``: ``curator-assets index DIR``, ``validate DIR``, ``decode DIR`` (one process each),
   wall time of the three from the first start to the last exit.
-* ``dagster``: a temporary ``DAGSTER_HOME`` with the repo's ``deploy/local/dagster.yaml``, the repo's
+* ``dagster``: a temporary ``DAGSTER_HOME`` with the repo's ``dagster.yaml``, the repo's
   ``workspace.yaml``, ``dagster-daemon run`` started first (the sensor at its shipped 30 s interval,
   whose first tick comes as the daemon starts; ``CURATOR_SENSOR_INTERVAL`` to change it). Timed from the
   first run's launch (its creation in the instance) to the last run's end, and also from the
   daemon's start to the last run's end (what a user waits for).
+
+* ``dagster (own)``: the same, with ``CURATOR_RUN_LAUNCHER=default``: the same ``dagster.yaml`` on
+  Dagster's own run launcher (the code server starts each run) and SQLite storage, as on a Dagster
+  version the instance accelerators were not tested on (``curator_assets/instance``).
 
 Orchestration seconds per shard: (dagster wall - cli wall) / shards, i.e. what the daemon path
 costs on top of the same work done by the core. Every manifest is compared with the CLI's.
@@ -69,13 +73,17 @@ def _done(instance, keys: set[str]) -> bool:
     return finished == keys
 
 
-def dagster_pass(folder: Path, home: Path, keys: set[str], timeout: float) -> dict:
+def dagster_pass(folder: Path, home: Path, keys: set[str], timeout: float, own: bool = False) -> dict:
+    """``own``: Dagster's own run launcher and storage (CURATOR_RUN_LAUNCHER=default)."""
     import dagster as dg
 
     home.mkdir(parents=True)
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(folder),
            "DAGSTER_DISABLE_TELEMETRY": "1"}  # the sensor at its shipped interval unless CURATOR_SENSOR_INTERVAL is set
+    env.pop("CURATOR_RUN_LAUNCHER", None)
+    if own:
+        env["CURATOR_RUN_LAUNCHER"] = "default"
     os.environ["DAGSTER_HOME"] = str(home)
     dg.DagsterInstance.get().dispose()  # create the storage before two processes race to create it
     log = open(home / "daemon.log", "wb")
@@ -181,19 +189,23 @@ def main() -> None:
     print(f"{'path':<44}{'wall s':>9}{'images/s':>10}{'ratio':>8}   each pass")
     cli_wall = median(p["cli"] for p in passes)
     for label, name in (("cli: index + validate + decode", "cli"), ("run: curator-assets run (embedded)", "run"),
-                        (f"dagster: sensor + daemon ({passes[-1]['runs']} run(s))", "dagster"),
-                        ("  from the daemon start", "from_daemon_start")):
+                        (f"dagster: sensor + daemon, warm ({passes[-1]['runs']} run(s))", "dagster"),
+                        ("  from the daemon start", "from_daemon_start"),
+                        (f"dagster: sensor + daemon, own ({passes[-1]['own_runs']} run(s))", "own"),
+                        ("  from the daemon start", "own_from_daemon_start")):
         wall = median(p[name] for p in passes)
         each = " / ".join(f"{p[name]:.2f}" for p in passes)
         print(f"{label:<44}{wall:>9.2f}{images / wall:>10.0f}{cli_wall / wall:>8.2f}   {each}")
     ratios = " / ".join(f"{p['cli'] / p['dagster']:.2f}" for p in passes)
-    print(f"dagster vs cli in each pass (back to back): {ratios}")
+    print(f"dagster (warm) vs cli in each pass (back to back): {ratios}")
+    ratios = " / ".join(f"{p['cli'] / p['own']:.2f}" for p in passes)
+    print(f"dagster (own launcher and storage) vs cli in each pass: {ratios}")
     for i, p in enumerate(passes):
         print(f"pass {i + 1}: {p['cpu']}")
         print("\n".join(p["breakdown"]))
     dg_wall = median(p["dagster"] for p in passes)
     print(f"orchestration s per shard: {(dg_wall - cli_wall) / args.shards:.2f}; "
-          f"all runs succeeded: {all(p['all_success'] for p in passes)}; "
+          f"all runs succeeded: {all(p['all_success'] and p['own_success'] for p in passes)}; "
           f"manifests identical: {all(p['same'] for p in passes)}")
 
 
@@ -201,8 +213,8 @@ def one_pass(source: Path, keys: set[str], args, i: int) -> dict:
     """The three paths back to back on fresh copies of the dataset, with the cores' use of each."""
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.keep or scratch) / f"pass{i + 1}"
-        cli_dir, run_dir, dg_dir = tmp / "cli", tmp / "run", tmp / "dagster"
-        for d in (cli_dir, run_dir, dg_dir):
+        cli_dir, run_dir, dg_dir, own_dir = tmp / "cli", tmp / "run", tmp / "dagster", tmp / "own"
+        for d in (cli_dir, run_dir, dg_dir, own_dir):
             shutil.copytree(source, d, ignore=shutil.ignore_patterns(".complete"))
         with CpuMeter() as cpu:
             t0 = time.time()
@@ -211,10 +223,14 @@ def one_pass(source: Path, keys: set[str], args, i: int) -> dict:
             run_wall = run_pass(run_dir)
             t2 = time.time()
             dg = dagster_pass(dg_dir, tmp / "home", keys, args.timeout)
-        same = same_manifests(cli_dir, dg_dir, keys) and same_manifests(cli_dir, run_dir, keys)
+            own = dagster_pass(own_dir, tmp / "home-own", keys, args.timeout, own=True)
+        same = all(same_manifests(cli_dir, d, keys) for d in (dg_dir, run_dir, own_dir))
     return {"cli": cli_wall, "run": run_wall, "dagster": dg["wall"], "from_daemon_start": dg["from_daemon_start"],
-            "runs": dg["runs"], "all_success": dg["all_success"], "breakdown": dg["breakdown"], "same": same,
-            "cpu": f"cli {cpu.line(t0, t1)}; run {cpu.line(t1, t2)}; dagster {cpu.line(*dg['window'])}"}
+            "runs": dg["runs"], "all_success": dg["all_success"], "breakdown": dg["breakdown"] + own["breakdown"],
+            "own": own["wall"], "own_from_daemon_start": own["from_daemon_start"], "own_runs": own["runs"],
+            "own_success": own["all_success"], "same": same,
+            "cpu": f"cli {cpu.line(t0, t1)}; run {cpu.line(t1, t2)}; dagster {cpu.line(*dg['window'])}; "
+                   f"own {cpu.line(*own['window'])}"}
 
 if __name__ == "__main__":
     main()

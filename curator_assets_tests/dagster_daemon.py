@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 
 from curator_assets.cli.demo import photo_records, write_shard
-from curator_assets.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG
+from curator_assets.instance.launcher import LAUNCHER_TAG, SERVER_PID_TAG, WORKER_PID_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 START = "dagster/asset_partition_range_start"
@@ -42,7 +42,8 @@ class Daemon:
         log = open(self.tmp_path / f"daemon-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # In its home: dagster.yaml's relative paths (step outputs, compute logs) land there.
+            cwd=self.home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
     def stop(self) -> None:
@@ -65,7 +66,7 @@ def daemon_fixture(tmp_path: Path, monkeypatch) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     d.home.mkdir()
     d.dataset.mkdir()
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", d.home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", d.home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(d.home))
     dg.DagsterInstance.get().dispose()  # create the storage before the daemon and the runs race to
     try:

@@ -265,12 +265,19 @@ def test_pool_limit_two_allows_two_decodes(cluster: Cluster) -> None:
 
 
 def _wait_two_held(c: Cluster, freezer: DecoderFreezer, timeout: float = 300) -> None:
-    """Until both slots of the `gpu` pool are claimed by decode steps whose decoders are held."""
+    """Until both slots of the `gpu` pool are claimed and two decode steps have started (STEP_START
+    written) and cannot end: their decoders are held. A claimed slot alone is no started step."""
+    import dagster as dg
+
+    started = dg.RunsFilter(job_name="shard_pipeline", statuses=[dg.DagsterRunStatus.STARTED])
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = c.instance.event_log_storage.get_concurrency_info("gpu")
         if len(info.claimed_slots) == 2 and len(freezer.callers()) >= 2:
-            return
+            events = [set(_step_events(c, r.run_id, "decoded_images")) for r in c.instance.get_runs(started)]
+            decoding = [e for e in events if "STEP_START" in e and not e & {"STEP_SUCCESS", "STEP_FAILURE"}]
+            if len(decoding) >= 2:
+                return
         time.sleep(0.2)
     pytest.fail(f"fewer than 2 decodes held at once in {timeout:.0f} s: {freezer.frozen}")
 

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-LOCATION = "curator_assets.definitions"
+LOCATION = "curator_assets"
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def dagster_dev(tmp_path: Path, make_shard, automation: str):
     make_shard("part-a/00001.tar", n=3)
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "deploy" / "local" / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "CURATOR_DATASET_URL": str(tmp_path / "dataset"),
            "CURATOR_SENSOR_INTERVAL": "1", "DAGSTER_DISABLE_TELEMETRY": "1", "CURATOR_AUTOMATION": automation}
@@ -69,7 +69,7 @@ def dagster_dev(tmp_path: Path, make_shard, automation: str):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/graphql"
     deadline = time.time() + 180
@@ -139,8 +139,8 @@ def test_sensor_picks_up_shards_and_daemon_runs_them(dagster_dev, make_shard) ->
     sensor = gql(url, SENSOR, {"sel": sel})["sensorOrError"]
     assert sensor["__typename"] == "Sensor", sensor
     assert sensor["sensorState"]["status"] == "RUNNING"  # on by default: nothing to click
-    # Started in the repo root with DAGSTER_HOME set, as the README says: no warning about an
-    # instance file beside it that would be ignored.
+    # Started in the folder of its dagster.yaml (DAGSTER_HOME), as the repo's is started in the repo
+    # root: no warning about an instance file beside it that would be ignored.
     assert "Found a dagster instance configuration" not in (tmp_path / "dagster-dev.log").read_text()
 
     deadline = time.time() + 240

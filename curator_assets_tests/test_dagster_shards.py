@@ -281,7 +281,7 @@ def test_run_slots_follow_the_run_queue_and_the_decode_pool(tmp_path: Path, monk
 
     monkeypatch.delenv("CURATOR_RUN_SLOTS", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # the shipped file's storage lives there
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", tmp_path / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as inst:
         assert run_slots(inst) == 1
         inst.event_log_storage.set_concurrency_slots(DECODE_POOL, 3)

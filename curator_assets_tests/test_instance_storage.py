@@ -1,27 +1,32 @@
-"""The single-machine instance's storage (curator_assets/instance_storage.py): Dagster's SQLite
+"""The single-machine instance's storage (curator_assets/instance/sqlite_storage.py): Dagster's SQLite
 files and schema with connections kept open per process. Real instances on temporary
 DAGSTER_HOMEs, real processes (a fork, a second interpreter writing at the same time)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 from dagster._core.events.log import EventLogEntry
 from dagster._core.instance import InstanceRef
 
-from curator_assets.instance_storage import (
+import curator_assets.instance as instance_package
+from curator_assets.instance.launcher import WarmRunLauncher
+from curator_assets.instance.sqlite_storage import (
     OPEN_FILES,
+    InstanceStorage,
     PooledSqliteEventLogStorage,
     PooledSqliteRunStorage,
-    PooledSqliteStorage,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +36,7 @@ ASSET = dg.AssetKey("shard_index")
 def shipped_home(tmp_path: Path, name: str = "home") -> Path:
     home = tmp_path / name
     home.mkdir()
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     return home
 
 
@@ -61,16 +66,65 @@ def test_the_shipped_instance_uses_the_pooled_storage(tmp_path: Path, monkeypatc
     home = shipped_home(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with open_instance(home) as instance:
-        assert instance.get_ref().storage_data.class_name == PooledSqliteStorage.__name__
+        assert instance.get_ref().storage_data.class_name == InstanceStorage.__name__
         assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
         assert isinstance(instance.run_storage, PooledSqliteRunStorage)
         materialize(instance, run_id(1), "00007")
         assert records_of(instance, "00007") == [7]
-    # Dagster's own layout: the same files its SQLite storage writes.
-    assert (home / "history" / "runs.db").exists()
-    assert (home / "history" / "runs" / "index.db").exists()
-    assert (home / "history" / "runs" / f"{run_id(1)}.db").exists()
-    assert (home / "schedules" / "schedules.db").exists()
+    # Dagster's own layout, in the shipped file's folder (.dagster_home under DAGSTER_HOME).
+    folder = home / ".dagster_home"
+    assert (folder / "history" / "runs.db").exists()
+    assert (folder / "history" / "runs" / "index.db").exists()
+    assert (folder / "history" / "runs" / f"{run_id(1)}.db").exists()
+    assert (folder / "schedules" / "schedules.db").exists()
+
+
+def shipped_yaml_in_dagster_home() -> str:
+    """The shipped dagster.yaml with its storage directly in $DAGSTER_HOME (Dagster's default place)."""
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    del config["storage"]["custom"]["config"]
+    return yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize("why", ["switched off", "untested version"])
+def test_off_the_accelerator_the_instance_is_dagsters_own(tmp_path: Path, monkeypatch, caplog, why: str) -> None:
+    """With CURATOR_RUN_LAUNCHER=default, or on a Dagster version the accelerators were not tested
+    on, the shipped file gives Dagster's own run launcher and SQLite storage (same folder, same
+    files: what the pooled storage wrote is read), and one log line says why."""
+    home = shipped_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with open_instance(home) as instance:
+        materialize(instance, run_id(3), "00003")
+    monkeypatch.setattr(instance_package, "_said", threading.Event())
+    if why == "switched off":
+        monkeypatch.setenv("CURATOR_RUN_LAUNCHER", "default")
+        expected = "CURATOR_RUN_LAUNCHER=default"
+    else:
+        monkeypatch.setattr(instance_package, "running_version", lambda: "1.99.0")
+        expected = "Dagster 1.99.0 is not a tested version (1.12.x, 1.13.x)"
+    with caplog.at_level(logging.INFO, logger="curator_assets.instance"):
+        with open_instance(home) as instance:
+            assert type(instance.run_launcher) is dg.DefaultRunLauncher
+            assert type(instance.event_log_storage).__name__ == "SqliteEventLogStorage"
+            assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+            assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
+            assert records_of(instance, "00003") == [3]
+            materialize(instance, run_id(4), "00004")
+    lines = [r.getMessage() for r in caplog.records if r.name == "curator_assets.instance"]
+    assert lines == [f"curator_assets.instance: {expected}: using Dagster's own run launcher and storage"]
+    monkeypatch.delenv("CURATOR_RUN_LAUNCHER", raising=False)
+    monkeypatch.undo()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with open_instance(home) as instance:  # and back: the pooled storage reads what Dagster's wrote
+        assert isinstance(instance.run_launcher, WarmRunLauncher)
+        assert records_of(instance, "00004") == [4]
+
+
+@pytest.mark.parametrize(("version", "on"), [("1.12.0", True), ("1.12.22", True), ("1.13.28", True),
+                                             ("1.11.9", False), ("1.14.0", False), ("2.0.0", False)])
+def test_the_accelerators_run_on_the_tested_versions_only(version: str, on: bool, monkeypatch) -> None:
+    monkeypatch.delenv("CURATOR_RUN_LAUNCHER", raising=False)
+    assert (instance_package.fallback_reason(version) is None) is on
 
 
 def test_dagsters_own_storage_and_the_pooled_one_read_each_other(tmp_path: Path) -> None:
@@ -82,7 +136,7 @@ def test_dagsters_own_storage_and_the_pooled_one_read_each_other(tmp_path: Path)
         materialize(instance, run_id(1), "00001")
         instance.add_dynamic_partitions("shards", ["00001"])
     # The same folder opened with the pooled storage: everything is there, and it writes on.
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", plain / "dagster.yaml")
+    (plain / "dagster.yaml").write_text(shipped_yaml_in_dagster_home())
     os.environ["DAGSTER_HOME"] = str(plain)
     try:
         with open_instance(plain) as instance:
@@ -170,7 +224,7 @@ def test_the_classes_load_from_their_own_config(tmp_path: Path, config: str) -> 
     """Each class builds itself (not Dagster's parent class) from the instance's YAML."""
     home = tmp_path / "home"
     home.mkdir()
-    module = "curator_assets.instance_storage"
+    module = "curator_assets.instance.sqlite_storage"
     if config == "storage":
         yaml_text = (f"storage:\n  custom:\n    module: {module}\n    class: PooledSqliteStorage\n"
                      f"    config:\n      base_dir: {home}\n")
@@ -188,9 +242,13 @@ def test_the_classes_load_from_their_own_config(tmp_path: Path, config: str) -> 
         assert records_of(instance, "00005") == [5]
 
 
-def test_the_shipped_file_without_dagster_home_says_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+def test_the_shipped_file_without_dagster_home_keeps_its_storage_beside_it(tmp_path: Path, monkeypatch) -> None:
+    """Without DAGSTER_HOME, Dagster's CLI (dg dev, dg check defs) reads the dagster.yaml of the
+    current folder: the storage is then in that folder's .dagster_home, as with DAGSTER_HOME set."""
     home = shipped_home(tmp_path)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    with pytest.raises(dg.DagsterInvariantViolationError, match="DAGSTER_HOME"):
-        with open_instance(home):
-            pass
+    monkeypatch.chdir(home)
+    with open_instance(home) as instance:
+        materialize(instance, run_id(9), "00009")
+        assert records_of(instance, "00009") == [9]
+    assert (home / ".dagster_home" / "history" / "runs" / f"{run_id(9)}.db").exists()

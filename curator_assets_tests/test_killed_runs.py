@@ -51,7 +51,7 @@ def test_a_run_killed_in_any_step_does_not_wedge_the_next(tmp_path: Path, monkey
         write_shard(dataset / f"{s:05d}.tar", list(photo_records(150, seed=s, size=(500, 375), start=s * 150)))
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     dg.DagsterInstance.get().dispose()  # create the storage once, before the runs race to
     env = {**os.environ, "DAGSTER_HOME": str(home)}

@@ -28,7 +28,7 @@ def _members(photos, keys):
 def home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
 

@@ -24,7 +24,7 @@ from dagster._core.launcher import WorkerStatus
 
 from curator_assets.cli.demo import photo_records, write_shard
 from curator_assets.defs.partitions import DECODE_POOL
-from curator_assets.launcher import LAUNCHER_TAG
+from curator_assets.instance.launcher import LAUNCHER_TAG
 from curator_assets_tests.dagster_daemon import (  # noqa: F401 - the fixtures daemon and instance
     Daemon,
     daemon_fixture,

@@ -1,4 +1,4 @@
-"""The warm run launcher (curator_assets/launcher.py) under a real `dagster-daemon` with the repo's
+"""The warm run launcher (curator_assets/instance/launcher.py) under a real `dagster-daemon` with the repo's
 dagster.yaml: the sensor's runs fork from the daemon's warm run server and behave as runs of
 Dagster's own launcher do (a bad shard fails alone, the next run forks from the same server), and
 a new daemon makes a new server. Terminating and killing runs: test_terminate.py."""
@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
-from curator_assets.launcher import LAUNCHER_TAG, WORKER_PID_TAG, WarmRunLauncher
+from curator_assets.instance.launcher import LAUNCHER_TAG, WORKER_PID_TAG, WarmRunLauncher
 from curator_assets_tests.dagster_daemon import (  # noqa: F401 - the fixtures daemon and instance
     Daemon,
     assert_forked_warm,
@@ -84,7 +84,7 @@ def test_fallback_to_dagsters_default_launcher(daemon: Daemon, instance: dg.Dags
 
 
 def _launches_runs_here(queue) -> None:
-    from curator_assets.launcher import launches_runs
+    from curator_assets.instance.launcher import launches_runs
 
     queue.put(launches_runs())
 
@@ -95,7 +95,7 @@ def test_a_run_worker_is_not_the_launching_process(monkeypatch, method: str) -> 
     daemon's sys.argv; it must not take itself for the daemon and start a fork server of its own."""
     import multiprocessing
 
-    from curator_assets.launcher import launches_runs
+    from curator_assets.instance.launcher import launches_runs
 
     monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "dagster-daemon"), "run"])
     assert launches_runs()  # the daemon itself

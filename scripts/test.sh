@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README: installs everything the tests use, then runs them.
 #
-#   bash scripts/test.sh           lint, then the whole suite (what CI runs)
+#   bash scripts/test.sh           lint, the whole suite, then the Dagster-facing tests on the lowest
+#                                  supported Dagster (scripts/test-dagster-lowest.sh): what CI runs
 #   bash scripts/test.sh --fast    lint, then the fast tier (no daemon, webserver, cluster or browser)
 #   bash scripts/test.sh -- ARGS   lint, then pytest ARGS (any pytest selection)
 #
@@ -74,6 +75,9 @@ fi
 say "ruff check ."
 .venv/bin/ruff check .
 
+full=0
+[ ${#args[@]} -eq 0 ] && [ "$fast" = 0 ] && full=1
+
 # Most of the suite waits on servers, daemons and subprocesses: three processes, each taking whole
 # test files (module-scoped fixtures stay shared), finish it in about half the time on two cores.
 if [ ${#args[@]} -eq 0 ]; then
@@ -83,4 +87,13 @@ if [ ${#args[@]} -eq 0 ]; then
   fi
 fi
 say "pytest ${args[*]}"
-exec .venv/bin/python -m pytest -q "${args[@]}"
+status=0
+.venv/bin/python -m pytest -q "${args[@]}" || status=$?
+if [ "$full" = 1 ]; then
+  # The Dagster-facing tests again on the lowest Dagster the project supports, in a venv of its own.
+  say "bash scripts/test-dagster-lowest.sh"
+  lowest=0
+  bash scripts/test-dagster-lowest.sh -n 3 --dist loadfile || lowest=$?
+  [ "$status" = 0 ] && status=$lowest
+fi
+exit "$status"

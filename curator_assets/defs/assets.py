@@ -17,6 +17,14 @@ from curator_assets.defs.checks import (
     validation_evaluations,
 )
 from curator_assets.defs.executors import STEP_TAGS
+from curator_assets.defs.metadata import (
+    COLUMN_SCHEMA,
+    PARTITION_ROW_COUNT,
+    ROW_COUNT,
+    counts_table,
+    manifest_column_schema,
+    manifest_preview_table,
+)
 from curator_assets.defs.partitions import BACKFILL_POLICY, DECODE_POOL, shards
 from curator_assets.defs.resources import ShardStorage
 from curator_assets.formats.idx import IndexFormatError
@@ -128,6 +136,7 @@ def _index_one(context: dg.AssetExecutionContext, dataset, key: str, force: bool
     verb = "reused" if result.reused else "built"
     metadata = {
         "indexed": True,
+        PARTITION_ROW_COUNT: result.records,  # lines of the .idx: one per record
         "records": result.records,
         "members": result.members,
         "bytes": result.bytes,
@@ -182,6 +191,8 @@ def _validate_one(context: dg.AssetExecutionContext, dataset, key: str, config: 
         log(f"shard {key}: {report.errors} error(s), {report.warnings} warning(s):\n" + "\n".join(shown) + more)
     metadata = {"validated": True, **report.metadata(),
                 "error_codes": sorted({p.code for p in report.problems if p.severity == "error"})}
+    metadata[PARTITION_ROW_COUNT] = report.records
+    metadata["problems_by_code"] = counts_table(metadata["counts"])
     metadata["counts"] = dg.MetadataValue.json(metadata["counts"])
     metadata["report_path"] = dg.MetadataValue.path(report_url)
     return metadata, None, validation_evaluations(key, report)
@@ -245,6 +256,7 @@ def dataset_validation_summary(context: dg.AssetExecutionContext, storage: Shard
         context.log.warning(f"{summary.duplicate_ids} record ID(s) occur in more than one shard")
     return dg.MaterializeResult(
         metadata={
+            ROW_COUNT: summary.records,
             "shards": summary.shards,
             "validated": summary.validated,
             "ok_shards": summary.ok,
@@ -253,6 +265,7 @@ def dataset_validation_summary(context: dg.AssetExecutionContext, storage: Shard
             "warnings": summary.warnings,
             "cross_shard_duplicate_ids": summary.duplicate_ids,
             "counts": dg.MetadataValue.json(summary.counts),
+            "problems_by_code": counts_table(summary.counts),
             "failed_shards": dg.MetadataValue.json(summary.failed_shards[:100]),
             "summary_path": dg.MetadataValue.path(summary_url),
         }
@@ -340,6 +353,8 @@ def _contact_sheet(dataset, key: str, rows) -> dict[str, object]:
 
 def _decode_metadata(result, rows, sheet: dict[str, object] | None = None) -> dict[str, object]:
     return {
+        PARTITION_ROW_COUNT: len(rows),  # rows of the shard's manifest
+        COLUMN_SCHEMA: manifest_column_schema(),
         "records": result.records,
         "decoded": result.decoded,
         "failed": result.failed,
@@ -352,6 +367,7 @@ def _decode_metadata(result, rows, sheet: dict[str, object] | None = None) -> di
         "seconds": round(result.seconds, 4),
         "manifest_path": dg.MetadataValue.path(result.manifest_url or ""),
         "preview": dg.MetadataValue.md(markdown_preview(rows)),
+        "preview_table": manifest_preview_table(rows),
         **(sheet or {}),
     }
 
@@ -444,6 +460,9 @@ def dataset_decode_summary(context: dg.AssetExecutionContext, storage: ShardStor
         context.log.warning(f"{summary.duplicate_images} image(s) occur in more than one shard")
     md = summary.metadata()
     metadata = {k: v for k, v in md.items() if not isinstance(v, (dict, list))}
+    metadata[ROW_COUNT] = summary.records  # rows of all manifests together
+    metadata[COLUMN_SCHEMA] = manifest_column_schema()
+    metadata["failures_table"] = counts_table(dict(md["failures_by_code"]))
     metadata.update({k: dg.MetadataValue.json(md[k]) for k in ("devices", "failures_by_code", "duplicate_examples")})
     metadata["missing_manifests_list"] = dg.MetadataValue.json(summary.missing[:100])
     metadata["summary"] = dg.MetadataValue.md(summary_markdown(summary))

@@ -1,7 +1,7 @@
 """Which executor runs ``shard_pipeline``: chosen by ``CURATOR_EXECUTOR``.
 
 * unset or ``in_process`` (the default): every step of a run in the run's own process, on the
-  embedded instance (``deploy/local/dagster.yaml``: SQLite, no server). Nothing here is imported then.
+  embedded instance (``dagster.yaml``: SQLite, no server). Nothing here is imported then.
 * ``celery``: dagster-celery; each step is a Celery task on a Redis broker, picked up by workers
   on any machine. The executor config is the ``execution.config`` block of the YAML file named
   by ``CURATOR_CELERY_CONFIG`` (default ``deploy/cluster/celery.yaml``), the same file the workers

@@ -10,7 +10,7 @@ from curator_assets.defs.executors import executor_from_env
 # process per step buys no parallelism and costs a fresh interpreter, Dagster, the project and
 # DALI per step (~3 s each on 2 cores, measured by benchmarks/bench_pipeline.py); in one
 # process the DALI pipelines, the fsspec filesystem and the instance connection are shared by
-# every step and every shard of the run. Parallelism comes from concurrent runs (deploy/local/dagster.yaml).
+# every step and every shard of the run. Parallelism comes from concurrent runs (dagster.yaml).
 # A cluster deployment (CURATOR_EXECUTOR=celery or k8s, defs/executors.py) swaps in an executor
 # that routes each step to a worker: decode to the GPU queue / GPU nodes, the rest to CPU ones.
 shard_pipeline = dg.define_asset_job(

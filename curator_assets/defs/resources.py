@@ -39,7 +39,7 @@ class ShardStorage(dg.ConfigurableResource):
     extra_options: dict[str, Any] = Field(default_factory=dict, description="More fsspec storage options (no secrets).")
 
     def storage_options(self) -> dict[str, Any]:
-        protocol = url_protocol(self.dataset_url)
+        protocol = url_protocol(_plain(self.dataset_url))
         opts: dict[str, Any] = dict(self.extra_options)
         if protocol in ("s3", "s3a"):
             _put(opts, key=self.aws_access_key_id, secret=self.aws_secret_access_key, endpoint_url=self.endpoint_url)
@@ -59,33 +59,42 @@ class ShardStorage(dg.ConfigurableResource):
         return opts
 
     def dataset(self) -> Dataset:
-        return Dataset(self.dataset_url, self.storage_options(), index_url=self.index_url, output_url=self.output_url)
+        return Dataset(_plain(self.dataset_url), self.storage_options(), index_url=_plain(self.index_url),
+                       output_url=_plain(self.output_url))
+
+
+def _plain(value: Any) -> Any:
+    """The value of a setting. Inside a run or a sensor Dagster has replaced a ``dg.EnvVar`` by its
+    value; outside (the headless runner calls ``dataset()`` directly) it is still the name."""
+    return value.get_value() if isinstance(value, dg.EnvVar) else value
 
 
 def _put(opts: dict[str, Any], **values: Any) -> None:
     for k, v in values.items():
-        if isinstance(v, dg.EnvVar):
-            # Outside a run (the headless runner calls dataset() directly) Dagster has not
-            # replaced the EnvVar by its value: without this the variable's name would be sent.
-            v = v.get_value()
+        v = _plain(v)
         if v is not None and v != "":
             opts[k] = v
+
+
+def _from_env(name: str) -> dg.EnvVar | None:
+    return dg.EnvVar(name) if os.environ.get(name) else None
 
 
 def storage_from_env(dataset_url: str | None = None, *, index_url: str | None = None,
                      output_url: str | None = None, extra_options: dict[str, Any] | None = None) -> ShardStorage:
     """The resource as configured by the environment: CURATOR_DATASET_URL, CURATOR_INDEX_URL,
-    CURATOR_OUTPUT_URL, CURATOR_ENDPOINT_URL, and the credential variables in SECRET_ENV; the
-    arguments, when given, win over the environment."""
+    CURATOR_OUTPUT_URL, CURATOR_ENDPOINT_URL, AZURE_STORAGE_ACCOUNT and the credential variables in
+    SECRET_ENV, each as a ``dg.EnvVar`` (the UI shows the variable's name, never its value, and
+    every process reads its own environment); the arguments, when given, win over the environment."""
     secrets = {field: dg.EnvVar(env) for field, env in SECRET_ENV.items() if os.environ.get(env)}
     options = dict(extra_options or {})
-    endpoint = options.pop("endpoint_url", None) or os.environ.get("CURATOR_ENDPOINT_URL") or None
+    endpoint = options.pop("endpoint_url", None) or _from_env("CURATOR_ENDPOINT_URL")
     return ShardStorage(
-        dataset_url=dataset_url or os.environ.get("CURATOR_DATASET_URL", "demo_data"),
-        index_url=index_url or os.environ.get("CURATOR_INDEX_URL") or None,
-        output_url=output_url or os.environ.get("CURATOR_OUTPUT_URL") or None,
+        dataset_url=dataset_url or _from_env("CURATOR_DATASET_URL") or "demo_data",
+        index_url=index_url or _from_env("CURATOR_INDEX_URL"),
+        output_url=output_url or _from_env("CURATOR_OUTPUT_URL"),
         endpoint_url=endpoint,
-        azure_account_name=os.environ.get("AZURE_STORAGE_ACCOUNT") or None,
+        azure_account_name=_from_env("AZURE_STORAGE_ACCOUNT"),
         extra_options=options,
         **secrets,
     )

@@ -4,7 +4,7 @@ Dagster's default launcher asks the code server to start a run, and the code ser
 fresh interpreter per run, which imports Dagster, the project and later DALI before the first
 step: 5-9 s per run on a 2-core machine (``benchmarks/bench_pipeline.py``). This launcher keeps
 a ``multiprocessing`` fork server in the process that launches runs (the daemon) that has
-imported all of that once (``curator_assets.warm_preload``), and forks each run worker from it.
+imported all of that once (``curator_assets.instance.warm_preload``), and forks each run worker from it.
 
 The run worker then does what Dagster's own worker (``dagster api execute_run``) does: it loads
 the instance from its ref, reconstructs the job from the run's code origin and executes it, so
@@ -20,11 +20,12 @@ the run's events, status, failures and step logs are the same. The launcher also
 * restarts the fork server when the project's source files change, so a run never executes
   code older than what the code location shows.
 
-Configure it in ``dagster.yaml`` (as ``deploy/local/dagster.yaml`` does)::
+The repo's ``dagster.yaml`` selects it through ``curator_assets.instance.RunLauncher``, which
+builds it only on the Dagster versions it was tested on (see ``curator_assets/instance``)::
 
     run_launcher:
-      module: curator_assets.launcher
-      class: WarmRunLauncher
+      module: curator_assets.instance
+      class: RunLauncher
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,20 +48,19 @@ from dagster import DagsterInstance, DagsterRun, DefaultRunLauncher
 from dagster._core.events import EngineEventData
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
 from dagster._core.origin import JobPythonOrigin
-from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClass, deserialize_value, serialize_value
 from dagster._serdes.config_class import ConfigurableClassData
 from dagster._utils import get_run_crash_explanation
+
+from curator_assets.instance import DEFAULT_MODULES, DEFAULT_PRELOAD
+from curator_assets.instance import SWITCH_ENV as FALLBACK_ENV
 
 logger = logging.getLogger(__name__)
 
 LAUNCHER_TAG = "curator/run_launcher"
 WORKER_PID_TAG = "curator/run_worker_pid"
 SERVER_PID_TAG = "curator/fork_server_pid"
-FALLBACK_ENV = "CURATOR_RUN_LAUNCHER"
-DEFAULT_MODULES = ("curator_assets.definitions",)
-DEFAULT_PRELOAD = ("curator_assets.warm_preload",)
-PROJECT_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def source_version(root: Path = PROJECT_ROOT) -> tuple[int, int]:
@@ -312,30 +311,3 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def dispose(self) -> None:
         self._default.dispose()
-
-
-class WarmQueuedRunCoordinator(QueuedRunCoordinator):
-    """Dagster's queued run coordinator, which also starts the warm run server early.
-
-    The daemon builds the run coordinator as it starts (to know which daemons to run) but the
-    run launcher only at the first launch; warming up from here lets the fork server's imports
-    overlap the code server's start-up and the first sensor tick instead of delaying the first
-    run by them."""
-
-    def register_instance(self, instance: DagsterInstance) -> None:
-        super().register_instance(instance)
-        if launches_runs():
-            threading.Thread(target=_warm_up_launcher, args=(weakref.ref(instance),), daemon=True,
-                             name="warm-run-server").start()
-
-
-def _warm_up_launcher(instance_ref: weakref.ref) -> None:
-    # The instance registers its run coordinator while it is being built: let it finish first.
-    time.sleep(0.2)
-    instance = instance_ref()
-    try:
-        launcher = instance.run_launcher if instance is not None else None
-        if isinstance(launcher, WarmRunLauncher):
-            launcher.warm_up()
-    except Exception:  # noqa: BLE001 - the first launch warms up (or reports the error) itself
-        logger.warning("cannot start the warm run server early", exc_info=True)

@@ -25,13 +25,14 @@ statements are compiled once per process and connections are reused. What it kee
 * **many runs**: each run has its own event-log file; engines of the least recently used files
   are closed beyond a small number, so a daemon that reads thousands of runs keeps a bounded set.
 
-Select it in ``dagster.yaml`` (``deploy/local/dagster.yaml`` does)::
+The repo's ``dagster.yaml`` selects it through ``InstanceStorage``, which builds it on the Dagster
+versions it was tested on and Dagster's own ``DagsterSqliteStorage`` otherwise (same folder)::
 
     storage:
       custom:
-        module: curator_assets.instance_storage
-        class: PooledSqliteStorage
-        # config: {base_dir: ...}  (default: $DAGSTER_HOME, the folder of this dagster.yaml)
+        module: curator_assets.instance.sqlite_storage
+        class: InstanceStorage
+        config: {base_dir: .dagster_home}  # relative to $DAGSTER_HOME (or the current folder without it)
 
 Clusters use Postgres (``deploy/cluster/dagster.yaml``), whose storage pools its connections
 already.
@@ -47,7 +48,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as db
 import yaml
-from dagster import DagsterInvariantViolationError, Field
+from dagster import Field
 from dagster._config import StringSource
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
@@ -184,15 +185,12 @@ class PooledSqliteStorage(DagsterSqliteStorage):
     @classmethod
     def config_type(cls) -> dict:
         return {"base_dir": Field(StringSource, is_required=False,
-                                  description="The instance's folder (default: $DAGSTER_HOME).")}
+                                  description="The storage's folder, relative to $DAGSTER_HOME (default: there).")}
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict
                           ) -> PooledSqliteStorage:
-        base_dir = config_value.get("base_dir") or os.environ.get("DAGSTER_HOME")
-        if not base_dir:
-            raise DagsterInvariantViolationError(
-                "PooledSqliteStorage needs the instance's folder: set DAGSTER_HOME (or the storage's base_dir)")
+        base_dir = instance_folder(config_value.get("base_dir"))
         mkdir_p(base_dir)
         return cls(base_dir, inst_data=inst_data)
 
@@ -211,3 +209,33 @@ class PooledSqliteStorage(DagsterSqliteStorage):
 
 def _data(class_name: str, base_dir: str) -> ConfigurableClassData:
     return ConfigurableClassData(__name__, class_name, yaml.dump({"base_dir": base_dir}, default_flow_style=False))
+
+
+def instance_folder(base_dir: str | None) -> str:
+    """The storage's folder: ``base_dir`` relative to the folder Dagster read ``dagster.yaml`` from:
+    ``$DAGSTER_HOME``, or, without it, the current folder (where ``dg dev``, ``dg check defs`` and
+    ``dagster dev`` read it then, beside a temporary instance folder they remove at exit)."""
+    if base_dir and os.path.isabs(base_dir):
+        return base_dir
+    home = os.environ.get("DAGSTER_HOME") or os.getcwd()
+    return os.path.join(home, base_dir) if base_dir else home
+
+
+class InstanceStorage(DagsterSqliteStorage):
+    """What ``dagster.yaml`` names: :class:`PooledSqliteStorage` on the tested Dagster versions,
+    Dagster's own :class:`DagsterSqliteStorage` otherwise (or with CURATOR_RUN_LAUNCHER=default);
+    the same SQLite files either way, under ``base_dir``."""
+
+    @classmethod
+    def config_type(cls) -> dict:
+        return PooledSqliteStorage.config_type()
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict) -> DagsterSqliteStorage:
+        from curator_assets.instance import accelerated
+
+        if accelerated(say=False):  # the run launcher says it
+            return PooledSqliteStorage.from_config_value(inst_data, config_value)
+        base_dir = instance_folder(config_value.get("base_dir"))
+        mkdir_p(base_dir)
+        return DagsterSqliteStorage.from_local(base_dir, inst_data=inst_data)

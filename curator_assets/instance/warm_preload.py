@@ -35,7 +35,7 @@ MODULES = (
     "PIL.Image",
     "curator_assets.steps.decode.shard",
     "curator_assets.steps.decode.worker",
-    "curator_assets.launcher",
+    "curator_assets.instance.launcher",
     "nvidia.dali",
 )
 
@@ -53,7 +53,7 @@ def _import(name: str) -> None:
 def _resolve_jobs() -> None:
     try:
         definitions = importlib.import_module(DEFINITIONS_MODULE)
-        repository = definitions.defs.get_repository_def()
+        repository = definitions.defs().get_repository_def()
         for job_name in repository.job_names:
             repository.get_job(job_name)
     except Exception:  # noqa: BLE001 - the run reports the same error itself, with its context
