@@ -175,6 +175,59 @@ def test_a_hanging_decoder_fails_only_that_record_in_bounded_time(dataset: Path,
     assert shm_leftovers() == []
 
 
+class Interrupted(BaseException):
+    """What Dagster raises in a step's thread when its run is terminated (a BaseException)."""
+
+
+def test_an_interrupt_does_not_wait_for_a_hung_worker(dataset: Path, signal_on) -> None:
+    """A run terminated while a decoder worker hangs: the interrupt (raised from a signal handler,
+    as Dagster's is) kills the workers instead of waiting worker_timeout for the batch nobody will
+    read; the same decoder then decodes the next shard with fresh workers."""
+    import threading
+    import time
+
+    sends = signal_on(signal.SIGSTOP, times=1)
+    options = dataclasses.replace(CONTAINED, pipelines=1, worker_timeout=600)
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    watcher = threading.Thread(target=_interrupt_once_stopped, args=(sends,), daemon=True)
+    decoder = ShardDecoder(options)
+    try:
+        watcher.start()
+        with pytest.raises(Interrupted):
+            decode_shard(Dataset(str(dataset)), "00000", decoder=decoder, write=False)
+        stopped = sends.pids[1]  # the worker given the batch with record BAD, then stopped
+        deadline = time.monotonic() + 60  # far below worker_timeout: the abort, not the timeout
+        while not gone(stopped) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(stopped) and sends.hits == 1
+        result, rows = decode_shard(Dataset(str(dataset)), "00001", decoder=decoder, write=False)
+        assert result.decoded == 12 and all(r.decoded for r in rows)
+        assert decoder.decoders[0].pid not in (None, stopped)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        decoder.close()
+    assert shm_leftovers() == []
+
+
+def _interrupt_once_stopped(sends: Sends) -> None:
+    """Signal this process once the worker holding record BAD is stopped (state T in /proc)."""
+    import time
+
+    while True:
+        if sends.hits and len(sends.pids) > 1:
+            try:
+                if Path(f"/proc/{sends.pids[1]}/stat").read_text().split()[2] == "T":
+                    break
+            except (FileNotFoundError, IndexError):
+                pass
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def test_contained_pixels_match_in_process_decoding(dataset: Path, signal_on) -> None:
     def pixels(contain: bool) -> dict[str, np.ndarray]:
         out = {}

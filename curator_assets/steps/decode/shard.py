@@ -210,19 +210,40 @@ class ShardDecoder:
                 free.put(decoder)
 
         pending: deque[Future] = deque()
+        aborted = False
         # Leaving the block waits for the batches still decoding: no pipeline outlives its shard
         # half-used, even when the caller stops early.
-        with ThreadPoolExecutor(len(self.decoders), thread_name_prefix="curator-decode") as pool:
-            try:
-                for batch in batches:
-                    pending.append(pool.submit(work, batch))
-                    if len(pending) > len(self.decoders):
+        try:
+            with ThreadPoolExecutor(len(self.decoders), thread_name_prefix="curator-decode") as pool:
+                try:
+                    for batch in batches:
+                        pending.append(pool.submit(work, batch))
+                        if len(pending) > len(self.decoders):
+                            yield pending.popleft().result()
+                    while pending:
                         yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+                except (GeneratorExit, Exception):
+                    raise  # the batches in flight end as usual (a fraction of a second)
+                except BaseException:
+                    # Interrupted (a terminated run's DagsterExecutionInterruptedError, Ctrl-C): the
+                    # batches in flight are not wanted, so their workers are killed rather than
+                    # waited for (a hung one would hold the step for worker_timeout).
+                    aborted = True
+                    self._abort_workers()
+                    raise
+                finally:
+                    for future in pending:
+                        future.cancel()
+        finally:
+            if aborted:
+                for decoder in self.decoders:
+                    getattr(decoder, "resume", lambda: None)()
+
+    def _abort_workers(self) -> None:
+        for decoder in self.decoders:
+            abort = getattr(decoder, "abort", None)  # contained decoders; DALI in process cannot be
+            if abort is not None:
+                abort()
 
     def _decode(self, decoder: ImageDecoder, plan: ShardPlan, batch: EncodedBatch, keep_images: bool
                 ) -> DecodedBatch:

@@ -311,6 +311,7 @@ class ContainedDecoder:
         self._input: mmap.mmap | None = None  # the encoded bytes of the batch, shared with the worker
         self._inputs = 0
         self._lock = threading.Lock()
+        self._aborted = False  # abort(): the caller is being interrupted; calls fail until resume()
 
     def build(self) -> None:
         """Start the worker and wait until its pipeline is built (nothing to do while it runs); a
@@ -347,6 +348,8 @@ class ContainedDecoder:
         :class:`DecoderCrashed` when the worker dies on it."""
         want = self.keep_pixels if keep_pixels is None else keep_pixels
         with self._lock:
+            if self._aborted:
+                raise BatchDecodeFailed("decoder aborted: the caller was interrupted")
             if self._conn is None:
                 self.build()
             new_input = self._fill_input(arrays)
@@ -406,6 +409,20 @@ class ContainedDecoder:
         _remove_leftovers(process.pid)
         self.restarts += 1
         return DecoderHung(self.options.worker_timeout)
+
+    def abort(self) -> None:
+        """From any thread, while another may be waiting on this worker: kill the worker now, so
+        a caller that is being interrupted (a terminated run) does not wait up to
+        ``worker_timeout`` for a batch nobody will read. Later calls fail at once until
+        :meth:`resume`; the batch in flight fails as a crash (the killed worker is reaped)."""
+        self._aborted = True
+        process = self._process
+        if process is not None:
+            process.kill()
+
+    def resume(self) -> None:
+        """Usable again after :meth:`abort`: the next call starts a fresh worker."""
+        self._aborted = False
 
     def close(self) -> None:
         """Stop the worker (it also exits by itself when this process goes)."""
