@@ -3,7 +3,8 @@
 #
 #   bash scripts/test.sh           lint, the whole suite, then the Dagster-facing tests on the lowest
 #                                  supported Dagster (scripts/test-dagster-lowest.sh): what CI runs
-#   bash scripts/test.sh --fast    lint, then the fast tier (no daemon, webserver, cluster or browser)
+#   bash scripts/test.sh --fast    lint, then the fast tier (no daemon, webserver, cluster, browser or
+#                                  object-store emulator)
 #   bash scripts/test.sh -- ARGS   lint, then pytest ARGS (any pytest selection)
 #
 # It needs Python 3.11+ as python3 and node/npm. Debian packages (bsdtar, chromium, redis-server,
@@ -83,7 +84,7 @@ full=0
 if [ ${#args[@]} -eq 0 ]; then
   args=(-n 3 --dist loadfile)
   if [ "$fast" = 1 ]; then
-    args+=(-m "not slow")
+    args+=(-m "not slow and not cloud")
   fi
 fi
 say "pytest ${args[*]}"
