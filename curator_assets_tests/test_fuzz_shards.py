@@ -382,3 +382,45 @@ def test_a_sample_of_mutants_through_the_cli_never_hangs_or_tracebacks(tmp_path:
 
 def _address_space_limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def test_one_key_rule_the_fast_and_the_precise_pass_agree(tmp_path: Path, seeds, photos, monkeypatch) -> None:
+    """The record-key rule is written twice for speed: the vectorised pass (steps/validate_fast.py)
+    and tar_members.group_records. On every seed, a shard of awkward names (dots in folders, a
+    upper-case extension) and 150 mutants, both give the same
+    record IDs and problems; the vectorised pass must have proven some of them itself."""
+    from curator_assets.steps import validate as validate_step
+    from curator_assets.steps.validate import validate_file
+
+    proven = []
+    real_fast = validate_step.fast_validate
+    monkeypatch.setattr(validate_step, "fast_validate",
+                        lambda *a, **k: proven.append(r := real_fast(*a, **k)) or r)
+    awkward = tarfile_tar(tmp_path / "awkward.tar", [
+        ("a/b.c/000031.jpg", photos[0].jpg), ("a/b.c/000031.txt", b"one"),
+        ("x.y/z/0001.JPG", photos[2].jpg), ("x.y/z/0001.json", b"{}"), ("0002.jpg", photos[3].jpg),
+    ], tarfile.USTAR_FORMAT, dirs=False)
+    rng = random.Random(SEED + 1)
+    cases = [(s.tar, s.idx) for s in seeds] + [(awkward.read_bytes(), None)]
+    for _ in range(150):
+        seed = rng.choice(seeds)
+        cases.append((mutate_tar(rng, seed)[0], seed.idx))
+    path = tmp_path / "case.tar"
+    for tar, idx in cases:
+        path.write_bytes(tar)
+        reports = []
+        for fast in (True, False):
+            with open(path, "rb") as f:
+                reports.append(validate_file(f, index_bytes=idx, expect_index=idx is not None, fast=fast))
+        fast_report, precise = reports
+        assert fast_report.record_ids == precise.record_ids
+        assert sorted((p.code, p.record_id, p.member) for p in fast_report.problems) == sorted(
+            (p.code, p.record_id, p.member) for p in precise.problems)
+    assert sum(r is not None for r in proven) >= len(seeds) + 1  # every clean seed and the awkward shard
+    with open(awkward, "rb") as f:
+        awkward_ids = validate_file(f).record_ids
+    assert proven[-1] is not None  # the vectorised pass itself proved the awkward shard
+    with tarfile.open(awkward) as t:  # tarfile's names, cut at the first dot of the basename
+        names = [m.name.rpartition("/") for m in t.getmembers() if m.isreg()]
+        expected = list(dict.fromkeys(f"{d}{s}{b.split('.', 1)[0]}" for d, s, b in names if not b.startswith(".")))
+    assert awkward_ids == expected == ["a/b.c/000031", "x.y/z/0001", "0002"]
