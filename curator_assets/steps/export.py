@@ -243,8 +243,8 @@ def _pax_header(name: str, size: int) -> bytes:
 
 class SourceFiles:
     """The input files one output shard is copied from: at most ``MAX_OPEN`` open at once (a
-    shuffled shard draws from every input; the least recently used is closed), each with the last
-    window read from it."""
+    shuffled shard draws from every input; the least recently used is closed). Members read in
+    order are sliced out of one reused window buffer (no allocation, no fresh pages per read)."""
 
     MAX_OPEN = 64
     WINDOW = 4 << 20  # bytes read at once from an input read in order
@@ -254,7 +254,11 @@ class SourceFiles:
 
         self.opener = opener
         self.files: OrderedDict[int, tuple[Any, int | None]] = OrderedDict()
-        self.windows: dict[int, tuple[int, bytes]] = {}  # input -> (offset, the bytes read there)
+        self.ends: dict[int, int] = {}  # input -> where its last read ended
+        self.buffer = memoryview(bytearray(self.WINDOW))
+        self.owner: int | None = None  # the input whose bytes the buffer holds ...
+        self.start = self.length = 0  # ... from this offset, this many
+        self.before_read: Callable[[], None] = lambda: None  # called before the buffer is overwritten
 
     def get(self, p: int) -> tuple[Any, int | None]:
         """(file, its descriptor or None)."""
@@ -264,33 +268,44 @@ class SourceFiles:
             return entry
         if len(self.files) >= self.MAX_OPEN:
             old, (f, _fd) = self.files.popitem(last=False)
-            self.windows.pop(old, None)
+            self.ends.pop(old, None)
+            if self.owner == old:
+                self.owner = None
             f.close()
         f = self.opener(p)
         entry = self.files[p] = (f, fileno_of(f))
         return entry
 
     def small(self, p: int, fd: int, offset: int, size: int) -> memoryview:
-        """A small member's bytes. Reading on from where the last one ended (records in input order),
-        a window of ``WINDOW`` bytes is read at once and the members are sliced out of it (no copy);
-        a jump (a shuffle) reads just the member."""
-        start, window = self.windows.get(p, (0, b""))
-        end = start + len(window)
-        if start <= offset and offset + size <= end:
-            return memoryview(window)[offset - start : offset - start + size]
-        sequential = bool(window) and end - 4 * BLOCK <= offset <= end + TarSink.SMALL
-        data = os.pread(fd, max(size, self.WINDOW) if sequential else size, offset)
+        """A small member's bytes. Reading on from where the last read of that input ended (records
+        in input order), ``WINDOW`` bytes are read into the buffer at once (after ``before_read``:
+        the bytes sliced from it before must be written first) and the members are sliced out of
+        it; a jump (a shuffle) reads just the member."""
+        if p == self.owner and self.start <= offset and offset + size <= self.start + self.length:
+            return self.buffer[offset - self.start : offset - self.start + size]
+        end = self.ends.get(p)
+        if end is not None and end - 4 * BLOCK <= offset <= end + TarSink.SMALL and size <= self.WINDOW:
+            self.before_read()
+            self.owner = None
+            n = os.preadv(fd, [self.buffer], offset)
+            if n < size:
+                raise ExportError(f"input ended {size - n} bytes early at byte {offset + n}", "source_changed")
+            self.owner, self.start, self.length = p, offset, n
+            self.ends[p] = offset + n
+            return self.buffer[:size]
+        data = os.pread(fd, size, offset)
         if len(data) < size:
             raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
                               "source_changed")
-        self.windows[p] = (offset, data)
-        return memoryview(data)[:size]
+        self.ends[p] = offset + size
+        return memoryview(data)
 
     def close(self) -> None:
         for f, _fd in self.files.values():
             f.close()
         self.files.clear()
-        self.windows.clear()
+        self.ends.clear()
+        self.owner = None
 
 
 class TarSink:
@@ -385,6 +400,7 @@ def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]],
     """Stream the records into ``out``: its size, and the index lines (ext, data offset, size,
     name) of each record."""
     sink = TarSink(out)
+    files.before_read = sink.flush
     lines = []
     small = sink.SMALL
     for p, r, key in entries:
@@ -398,7 +414,8 @@ def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]],
             data_at = sink.pos + len(header)
             comps.append((name[cut + 1 :], data_at, size, out_name))
             if fd is not None and size <= small:  # the common case, inline: header, data, padding at once
-                sink.pending += (header, files.small(p, fd, offset, size), _ZEROS[: -size % BLOCK])
+                data = files.small(p, fd, offset, size)  # first: it may flush what is pending
+                sink.pending += (header, data, _ZEROS[: -size % BLOCK])
                 sink.pos = data_at + size + (-size % BLOCK)
                 sink.pending_size += len(header) + size
                 if sink.pending_size >= sink.BATCH:
