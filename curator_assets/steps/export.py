@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -560,6 +561,21 @@ class Exporter:
         names = shard_names(len(groups))
         state = self._load_state()
         old = state.get("shards", {})
+        out_shard = {(p, r): name for name, entries in zip(names, groups, strict=True) for p, r, _k in entries}
+        # The manifest is built on a second thread while the shards are written (their copies and
+        # fsyncs wait on the kernel with the GIL released); it is written after them, as before.
+        with ThreadPoolExecutor(1) as pool:
+            manifest = pool.submit(_manifest_build, plans, planned, out_shard, state.get("manifest"))
+            try:
+                self._write_shards(plans, names, groups, state, old)
+            except BaseException:
+                manifest.cancel()
+                raise
+            self._write_manifest(*manifest.result(), state)
+        self._summarize(plans, planned)
+
+    def _write_shards(self, plans: list[SourcePlan], names: list[str], groups: list[list], state: dict,
+                      old: dict) -> None:
         new_shards: dict[str, dict[str, Any]] = {}
         for name, entries in zip(names, groups, strict=True):
             digest = shard_digest(plans, entries)
@@ -572,9 +588,6 @@ class Exporter:
             self._save_state(state)
         self._remove_stale(old, new_shards, state)
         state["shards"] = new_shards
-        out_shard = {(p, r): name for name, entries in zip(names, groups, strict=True) for p, r, _k in entries}
-        self._write_manifest(plans, planned, out_shard, state)
-        self._summarize(plans, planned)
 
     def _load_state(self) -> dict[str, Any]:
         raw = self._read(self.path(STATE_DIR, STATE_NAME))
@@ -647,17 +660,14 @@ class Exporter:
             state["shards"] = new
             self._save_state(state)
 
-    def _write_manifest(self, plans: list[SourcePlan], planned: Planned, out_shard: dict, state: dict) -> None:
+    def _write_manifest(self, digest: str, rows: bytes, data: bytes | None, state: dict) -> None:
         """Written when its rows changed (compared by digest: a rerun builds no Parquet) or it is gone."""
-        from curator_assets.steps.export_manifest import manifest_rows
-
-        rows = manifest_rows(plans, planned, out_shard)
-        digest = hashlib.sha256(rows).hexdigest()
         path = self.path(MANIFEST_NAME)
         if state.get("manifest") != digest or not self.fs.exists(path):
-            from curator_assets.steps.export_manifest import manifest_bytes
+            if data is None:
+                from curator_assets.steps.export_manifest import manifest_bytes
 
-            data = manifest_bytes(rows)
+                data = manifest_bytes(rows)
             write_atomic(self.fs, path, data)
             self.result.manifest_written = True
             self.result.bytes_written += len(data)
@@ -672,6 +682,16 @@ class Exporter:
             counts.update(_reason_code(r) for r in plan_reasons if r is not None)
         self.result.left_out = dict(sorted(counts.items()))
         self.result.renamed = sum(1 for p, r, key in planned.kept if key != plans[p].records[r].key)
+
+
+def _manifest_build(plans: list[SourcePlan], planned: Planned, out_shard: dict, stored: str | None
+                    ) -> tuple[str, bytes, bytes | None]:
+    """(digest of the rows, the rows, their Parquet bytes or None when the stored digest is theirs)."""
+    from curator_assets.steps.export_manifest import manifest_bytes, manifest_rows
+
+    rows = manifest_rows(plans, planned, out_shard)
+    digest = hashlib.sha256(rows).hexdigest()
+    return digest, rows, None if digest == stored else manifest_bytes(rows)
 
 
 def _reason_code(reason: str) -> str:
