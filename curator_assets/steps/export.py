@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -456,6 +456,10 @@ class Exporter:
         self._decoder = None
         self.work: Workspace | None = None
         self.sources: list[Source] = []
+        # A second thread for what can overlap the copies (which wait on the kernel with the GIL
+        # released): the plans' cache files and the manifest's bytes.
+        self._pool: ThreadPoolExecutor | None = None
+        self._cache_writes: list[Future] = []
 
     # paths in DST
     def path(self, *parts: str) -> str:
@@ -469,11 +473,14 @@ class Exporter:
 
     def run(self) -> ExportResult:
         start = time.perf_counter()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         try:
             self.work = Workspace(self._work_root)
             plans = self._plans()
             self._close_decoder()  # its worker processes are not needed while the shards are written
             self._write(plans)
+            for done in self._cache_writes:  # a cache file that could not be written fails the run, as before
+                done.result()
         finally:
             self._close()
         self.result.seconds = time.perf_counter() - start
@@ -491,6 +498,9 @@ class Exporter:
 
     def _close(self) -> None:
         self._close_decoder()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         if self.work is not None and self.work.created:
             shutil.rmtree(self.work.root, ignore_errors=True)
 
@@ -550,7 +560,7 @@ class Exporter:
             text = str(exc) if source.url in str(exc) else f"{source.url}: {exc}"
             return SourcePlan(source.key, source.url, source.fingerprint, None, [], [], text)
         if plan.error is None:  # an error is not cached: the next run tries the shard again
-            write_atomic(self.fs, cache, plan.to_bytes())
+            self._cache_writes.append(self._pool.submit(_write_plan, self.fs, cache, plan))
         return plan
 
     # -- writing -----------------------------------------------------------------------------------
@@ -564,14 +574,9 @@ class Exporter:
         out_shard = {(p, r): name for name, entries in zip(names, groups, strict=True) for p, r, _k in entries}
         # The manifest is built on a second thread while the shards are written (their copies and
         # fsyncs wait on the kernel with the GIL released); it is written after them, as before.
-        with ThreadPoolExecutor(1) as pool:
-            manifest = pool.submit(_manifest_build, plans, planned, out_shard, state.get("manifest"))
-            try:
-                self._write_shards(plans, names, groups, state, old)
-            except BaseException:
-                manifest.cancel()
-                raise
-            self._write_manifest(*manifest.result(), state)
+        manifest = self._pool.submit(_manifest_build, plans, planned, out_shard, state.get("manifest"))
+        self._write_shards(plans, names, groups, state, old)
+        self._write_manifest(*manifest.result(), state)
         self._summarize(plans, planned)
 
     def _write_shards(self, plans: list[SourcePlan], names: list[str], groups: list[list], state: dict,
@@ -682,6 +687,10 @@ class Exporter:
             counts.update(_reason_code(r) for r in plan_reasons if r is not None)
         self.result.left_out = dict(sorted(counts.items()))
         self.result.renamed = sum(1 for p, r, key in planned.kept if key != plans[p].records[r].key)
+
+
+def _write_plan(fs, path: str, plan: SourcePlan) -> None:
+    write_atomic(fs, path, plan.to_bytes())
 
 
 def _manifest_build(plans: list[SourcePlan], planned: Planned, out_shard: dict, stored: str | None

@@ -286,7 +286,8 @@ def _records_from_index(dataset: Dataset, key: str, report: ShardReport) -> list
         return None
     if not index.has_names:
         return None
-    return [(rec.key, tuple((c.name, c.offset, c.size) for c in rec.components)) for rec in index.records]
+    # components are (ext, offset, size, name) tuples: indexed, not through their properties (per member)
+    return [(rec.key, tuple([(c[3], c[1], c[2]) for c in rec.components])) for rec in index.records]
 
 
 def verdict_fingerprints(dataset: Dataset, key: str) -> tuple[str | None, str | None]:
@@ -344,9 +345,14 @@ def _row_facts(row) -> tuple:
 def _source_record(position: int, rec: tuple[str, Members], facts: tuple, size: int) -> SourceRecord:
     member, sha256, width, height, decoded, error = facts
     key, members = rec
-    image = next((i for i, (name, _o, _s) in enumerate(members) if name == member), None)
+    image = truncated = None
+    for i, (name, off, n) in enumerate(members):  # a loop, not generators: this runs once per record
+        if image is None and name == member:
+            image = i
+        if off + n > size:
+            truncated = True
     reason = detail = None
-    if any(off + n > size for _name, off, n in members):
+    if truncated:
         reason, detail = "validation:tar_truncated", "a member's data runs past the end of the shard"
     elif not decoded:
         from curator_assets.steps.summary import error_code
