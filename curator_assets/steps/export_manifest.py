@@ -39,14 +39,14 @@ def schema():
 def manifest_rows(plans, planned, out_shard: dict) -> bytes:
     """The rows as JSON lines, in input order: what the Parquet file is made from, and what a
     rerun compares (by digest) to tell that the manifest has not changed, without building it."""
-    dumps = json.dumps
+    dumps = json.JSONEncoder(ensure_ascii=False).encode  # one encoder (dumps with options builds one a call)
     lines = []
     for p, plan in enumerate(plans):
         shard = _text(plan.key)
         for r, rec in enumerate(plan.records):
             values = (out_shard.get((p, r)), planned.out_keys[p][r], shard, _text(rec.key), rec.position, rec.sha256,
                       rec.width, rec.height, rec.decoded, planned.reasons[p][r], _text(rec.detail))
-            lines.append(dumps(dict(zip(COLUMNS, values, strict=True)), ensure_ascii=False))
+            lines.append(dumps(dict(zip(COLUMNS, values, strict=True))))
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
