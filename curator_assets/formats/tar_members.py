@@ -8,21 +8,36 @@ This is a lean hand-written parser rather than :mod:`tarfile` because it is the 
 indexing and validation: ``tarfile`` builds a full ``TarInfo`` per member and cannot report
 where and why an archive stops being valid. It still follows ``tarfile``'s rules for which
 member types carry data, so both always agree on offsets.
+
+The fields of one header (numbers, names, checksums, PAX records) and the block reader are
+:mod:`curator_assets.formats.tar_headers`; this module scans whole tars with them, recovers past
+damage, and groups members into WebDataset records.
 """
 
 from __future__ import annotations
 
 import gc
 import io
-import mmap
-import os
-import zlib
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
 from curator_assets.formats.sniff import compressed_reason
-
-BLOCK = 512
+from curator_assets.formats.tar_headers import (
+    ADLER_MOD,
+    BLOCK,
+    FIELD_BYTE_CLASS,
+    MAX_EXTENDED_HEADER,
+    PLAIN_FIELDS,
+    BlockReader,
+    adler32_of,
+    checksum_ok,
+    decode_name,
+    header_name,
+    nts,
+    numeric_problem,
+    parse_number,
+    parse_pax,
+)
 
 # Member types (the tar typeflag byte).
 REGULAR_TYPES = frozenset("0\x007")  # regular, old-style regular, contiguous
@@ -107,249 +122,6 @@ class TarScan:
 
 
 # ---------------------------------------------------------------------------------------------
-# Header fields: the one set of rules every module uses to read a tar header.
-
-# The numeric fields tarfile (and so the webdataset library) parses, with their offsets.
-NUMERIC_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("size", 124, 136),
-                  ("mtime", 136, 148))
-_OCTAL = b"01234567"
-_PADDING = b" \0\t\n\r\x0b\x0c"
-# Everything a plain octal field holds; a header with any other byte in mode, uid, gid, size or
-# mtime takes the exact path. A translation table and one compare: the cheapest check in C.
-_FIELD_BYTE_CLASS = bytes(0 if c in _OCTAL + b" \0" else 1 for c in range(256))
-_PLAIN_FIELDS = bytes(148 - 100)
-MAX_EXTENDED_HEADER = 16 << 20  # a PAX or long-name header larger than this is damage, not a name
-
-
-def nts(field_bytes: bytes) -> bytes:
-    """A null-terminated string field, up to its first NUL."""
-    return field_bytes.partition(b"\0")[0]
-
-
-def parse_number(field_bytes: bytes) -> int:
-    """A numeric header field, as tarfile reads it: GNU base-256 when the first byte is 0x80
-    (0xFF: negative), else octal digits up to the first NUL, padded with spaces. Anything else
-    raises ``ValueError`` (tarfile stops reading the archive there)."""
-    if field_bytes[:1] in (b"\x80", b"\xff"):
-        value = int.from_bytes(field_bytes[1:], "big")
-        if field_bytes[0] == 0xFF:  # negative base-256
-            value -= 1 << (8 * (len(field_bytes) - 1))
-        return value
-    text = nts(field_bytes).strip(_PADDING)
-    if text.translate(None, _OCTAL):
-        raise ValueError(f"not an octal number: {field_bytes!r}")
-    return int(text, 8) if text else 0
-
-
-def numeric_problem(header: bytes) -> str | None:
-    """Why the numeric fields of a header are unreadable (None: they are fine). A negative size
-    is refused: it would send a reader backwards."""
-    for what, start, end in NUMERIC_FIELDS:
-        try:
-            value = parse_number(header[start:end])
-        except ValueError:
-            return f"unreadable {what} field {bytes(header[start:end])!r}"
-        if what == "size" and value < 0:
-            return f"negative size ({value})"
-    return None
-
-
-def header_size(header: bytes) -> int | None:
-    """The size field of a header, or None when it is unreadable or negative."""
-    try:
-        size = parse_number(header[124:136])
-    except ValueError:
-        return None
-    return size if size >= 0 else None
-
-
-def header_name(header: bytes) -> str:
-    """The name a ustar/GNU header itself holds (the POSIX prefix joined on). Only the name
-    when no PAX ``path`` or GNU long-name record precedes the header: see :func:`member_at`."""
-    raw = nts(header[0:100])
-    if header[257:263] == b"ustar\x00":
-        prefix = nts(header[345:500])
-        if prefix:
-            raw = prefix + b"/" + raw
-    return _decode_name(raw)
-
-
-_CHKSUM_BLANK = b" " * 8
-_ADLER_MOD = 65521
-_adler32 = zlib.adler32
-
-
-def checksum_ok(header: bytes) -> bool:
-    """The header checksum rule: the unsigned (or, as old tars wrote it, signed) byte sum with
-    the checksum field read as blanks."""
-    # Hot path (one call per member): Adler-32's low half is 1 + the byte sum mod 65521,
-    # computed in C. For ustar/GNU headers we accept a match of the sum modulo 65521, which
-    # with the magic check is as strong as needed to tell a header from payload, and 10x
-    # cheaper than summing 512 bytes in Python. Anything else takes the exact path below.
-    if header[257:262] == b"ustar":
-        try:
-            stored = int(header[148:155].strip(b" \0") or b"0", 8)
-        except ValueError:
-            return False
-        unsigned = (_adler32(header) & 0xFFFF) - 1 - sum(header[148:156]) + 256
-        if (unsigned - stored) % _ADLER_MOD == 0:
-            return True
-    return _checksum_exact(header)
-
-
-def _checksum_exact(header: bytes) -> bool:
-    try:
-        stored = parse_number(header[148:156])
-    except ValueError:
-        return False
-    blanked = header[:148] + _CHKSUM_BLANK + header[156:]
-    unsigned = sum(blanked)
-    if stored == unsigned:
-        return True
-    # Some old tars sum signed bytes; tarfile accepts both.
-    signed = unsigned - 256 * sum(1 for b in blanked if b > 127)
-    return stored == signed
-
-
-def _decode_name(raw: bytes) -> str:
-    # tarfile's default for non-UTF-8 names keeps the bytes round-trippable.
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _parse_pax(data: bytes) -> tuple[dict[str, str], str | None]:
-    """PAX extended header records, ``"<len> <key>=<value>\\n"``, and why they stop early (None
-    when they do not). The records before a damaged one are kept, as tarfile keeps them: each
-    record's length delimits it, so damage cannot reach back into the ones before."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:
-            break
-        space = data.find(b" ", pos)
-        digits = data[pos:space] if space >= 0 else b""
-        if not digits.isdigit():
-            return records, f"record at byte {pos} has no length"
-        length = int(digits)
-        if length <= space - pos + 1 or pos + length > len(data) or data[pos + length - 1] != 0x0A:
-            return records, f"record at byte {pos} has a length out of range ({length})"
-        key, sep, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if not sep:
-            return records, f"record at byte {pos} has no '='"
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records, None
-
-
-# ---------------------------------------------------------------------------------------------
-# Readers: a lean positional reader for local files, seek/read for anything else.
-
-
-class _Reader:
-    """Reads blocks at absolute offsets; skips forward by seeking when it can."""
-
-    def __init__(self, fileobj: BinaryIO):
-        self.f = fileobj
-        self.pos = 0
-        self.fd: int | None = None
-        self.mm: mmap.mmap | None = None
-        self.last_at, self.last = 0, b""  # a stream's last read, for the steps back a scan takes
-        try:
-            self.seekable = bool(fileobj.seekable())
-        except (AttributeError, OSError, ValueError):
-            self.seekable = False
-        if self.seekable:
-            try:
-                self.pos = fileobj.tell()
-            except (OSError, ValueError):
-                self.pos = 0
-            # os.pread on a real file descriptor: one syscall per header, no buffer churn.
-            try:
-                fd = fileobj.fileno()
-                os.fstat(fd)
-                self.fd = fd
-            except (AttributeError, OSError, ValueError):
-                self.fd = None
-        if self.fd is not None:
-            # A read-only map makes each header a slice: no syscall per member. Only the pages
-            # holding headers are touched; payloads are never read.
-            try:
-                self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-                self.read_at = self._read_mapped  # type: ignore[method-assign]
-            except (OSError, ValueError):  # empty file, or a descriptor that cannot be mapped
-                self.mm = None
-
-    def _read_mapped(self, offset: int, n: int) -> bytes:
-        return self.mm[offset : offset + n]  # type: ignore[index]
-
-    def close(self) -> None:
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
-
-    def size(self) -> int | None:
-        if self.fd is not None:
-            return os.fstat(self.fd).st_size
-        size = getattr(self.f, "size", None)
-        if isinstance(size, int):
-            return size
-        if self.seekable:
-            here = self.f.tell()
-            end = self.f.seek(0, os.SEEK_END)
-            self.f.seek(here)
-            return end
-        return None
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        """Read up to n bytes at offset (a stream can step back only within its last read)."""
-        if self.fd is not None:
-            data = os.pread(self.fd, n, offset)
-            self.pos = offset + len(data)
-            return data
-        if self.seekable:
-            if offset != self.pos:
-                self.f.seek(offset)
-            data = self._read_fully(n)
-            self.pos = offset + len(data)
-            return data
-        # Stream: discard bytes up to offset, then read. A scan steps back only inside its last
-        # read (the header where the fast loop stopped, a header found by resync in a window).
-        if offset < self.pos:
-            start = offset - self.last_at
-            if start < 0:
-                raise ValueError(f"cannot read a stream backwards (byte {offset}, already at {self.pos})")
-            data = self.last[start : start + n]
-            if len(data) == n:
-                return data
-            more = self._read_fully(n - len(data))  # the last read ended where the stream is
-            data += more
-        else:
-            self._discard(offset - self.pos)
-            more = data = self._read_fully(n)
-        self.last_at, self.last = offset, data
-        self.pos += len(more)
-        return data
-
-    def _read_fully(self, n: int) -> bytes:
-        chunks = []
-        remaining = n
-        while remaining > 0:
-            chunk = self.f.read(remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-
-    def _discard(self, n: int) -> None:
-        while n > 0:
-            chunk = self.f.read(min(n, 1 << 20))
-            if not chunk:
-                return
-            self.pos += len(chunk)
-            n -= len(chunk)
-
-
-# ---------------------------------------------------------------------------------------------
 # The scan
 
 
@@ -385,7 +157,7 @@ def scan_members(
 
 def _batches(fileobj: BinaryIO, recover: bool, total_size: int | None,
              stride: int | None = None) -> Iterator[list[Member] | Member | TarProblem]:
-    reader = _Reader(fileobj)
+    reader = BlockReader(fileobj)
     try:
         yield from _scan(reader, recover, total_size, stride)
     finally:
@@ -395,7 +167,7 @@ def _batches(fileobj: BinaryIO, recover: bool, total_size: int | None,
 _PLAIN_TYPES = frozenset(b"0\x0057")  # regular, old regular, directory, contiguous
 
 
-def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out: list[Member],
+def _plain_run(reader: BlockReader, base: int, pos: int, total_size: int | None, out: list[Member],
                stop: int) -> int:
     """Append members for as long as the headers are plain ustar/GNU files or directories.
 
@@ -404,9 +176,12 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
     names, PAX, links, a bad checksum, truncation) and the general scanner takes over there.
     Measured at ~1.3 us a member (benchmarks/bench_index.py); every line here counts. A file
     that is not mapped also stops at offset ``stop`` (the scan's stride).
+
+    The measured hot loop of indexing and validation: it stays one function (over 60 lines) on
+    purpose, as a call per member to named pieces would cost more than the rest of the loop.
     """
     append = out.append
-    adler32 = _adler32
+    adler32 = adler32_of
     new = tuple.__new__  # skips NamedTuple's Python-level __new__
     mm = reader.mm
     read_at = reader.read_at
@@ -426,14 +201,14 @@ def _plain_run(reader: _Reader, base: int, pos: int, total_size: int | None, out
             return pos
         # mode, uid, gid, size, mtime: plain octal or the exact path (int() alone would take a
         # sign, an underscore or inner spaces, and a negative size would send the scan back).
-        if header[100:148].translate(_FIELD_BYTE_CLASS) != _PLAIN_FIELDS:
+        if header[100:148].translate(FIELD_BYTE_CLASS) != PLAIN_FIELDS:
             return pos
         try:
             stored = int(header[148:154], 8)
             size = int(header[124:135], 8)
         except ValueError:
             return pos
-        if ((adler32(header) & 0xFFFF) + 255 - sum(header[148:156]) - stored) % _ADLER_MOD:
+        if ((adler32(header) & 0xFFFF) + 255 - sum(header[148:156]) - stored) % ADLER_MOD:
             return pos
         raw = header[0:100].partition(b"\0")[0]
         if magic == b"ustar\x00" and header[345]:
@@ -482,7 +257,7 @@ class _ScanState:
         self.pending_name, self.pending_pax, self.first_header = None, {}, None
 
 
-def _scan(reader: _Reader, recover: bool, total_size: int | None,
+def _scan(reader: BlockReader, recover: bool, total_size: int | None,
           stride: int | None = None) -> Iterator[list[Member] | Member | TarProblem]:
     base = reader.pos
     if total_size is None:
@@ -534,7 +309,7 @@ def _bad_header(header: bytes, pos: int, problem: str, st: _ScanState) -> TarPro
     return TarProblem("tar_bad_header", pos, f"invalid header: {problem}")
 
 
-def _at_end_or_hole(reader: _Reader, base: int, pos: int, header: bytes, total_size: int | None, recover: bool,
+def _at_end_or_hole(reader: BlockReader, base: int, pos: int, header: bytes, total_size: int | None, recover: bool,
                     st: _ScanState) -> Iterator[TarProblem]:
     """A short block (the file ends) or a zero block (the end of the archive, or a hole).
     Returns where to go on, or None at the end. Like GNU tar ``-i``, the scan looks past zero
@@ -573,7 +348,7 @@ def _at_end_or_hole(reader: _Reader, base: int, pos: int, header: bytes, total_s
     return found
 
 
-def _extension(reader: _Reader, base: int, pos: int, header: bytes, size: int, total_size: int | None,
+def _extension(reader: BlockReader, base: int, pos: int, header: bytes, size: int, total_size: int | None,
                recover: bool, st: _ScanState) -> Iterator[TarProblem]:
     """A GNU long-name/long-link or PAX header: its records wait for the member they describe."""
     data_offset = pos + BLOCK
@@ -590,9 +365,9 @@ def _extension(reader: _Reader, base: int, pos: int, header: bytes, size: int, t
     typeflag = chr(header[156])
     if typeflag == GNU_LONGNAME:
         # GNU tar and tarfile read the name up to its NUL in the padded blocks, not up to the size.
-        st.pending_name = _decode_name(nts(data + reader.read_at(base + data_offset + size, _blocks(size) - size)))
+        st.pending_name = decode_name(nts(data + reader.read_at(base + data_offset + size, _blocks(size) - size)))
     elif typeflag in (PAX_HEADER, PAX_GLOBAL):
-        records, damage = _parse_pax(data)
+        records, damage = parse_pax(data)
         if damage is not None:
             yield TarProblem("tar_bad_header", pos, f"bad PAX header: {damage}")
             if not recover:
@@ -617,7 +392,7 @@ def _member_name(header: bytes, pax: dict[str, str] | None, st: _ScanState) -> s
     return header_name(header)
 
 
-def _member(reader: _Reader, base: int, pos: int, header: bytes, size: int, total_size: int | None,
+def _member(reader: BlockReader, base: int, pos: int, header: bytes, size: int, total_size: int | None,
             st: _ScanState) -> Iterator[Member | TarProblem]:
     """A real member header, with the extension records before it applied."""
     typeflag = chr(header[156])
@@ -654,7 +429,7 @@ def _member(reader: _Reader, base: int, pos: int, header: bytes, size: int, tota
     return data_offset + _blocks(size)
 
 
-def _gnu_sparse_ext_blocks(reader: _Reader, base: int, offset: int) -> int:
+def _gnu_sparse_ext_blocks(reader: BlockReader, base: int, offset: int) -> int:
     count = 0
     while True:
         block = reader.read_at(base + offset + count * BLOCK, BLOCK)
@@ -687,7 +462,7 @@ def member_at(headers: bytes, base: int = 0) -> Member | TarProblem:
     return TarProblem("tar_bad_header", base, "no member header there")
 
 
-def _resync(reader: _Reader, base: int, start: int, total_size: int | None) -> int | None:
+def _resync(reader: BlockReader, base: int, start: int, total_size: int | None) -> int | None:
     """Find the next block at or after ``start`` that is a valid header."""
     pos = start
     window = 64 * BLOCK

@@ -44,18 +44,17 @@ def ensure_index(
     """
     import time
 
-    from curator_assets.formats.tar_members import read_members
+    from curator_assets.steps.state import load_shard_state
     from curator_assets.store.keys import fingerprint_of
 
     start = time.perf_counter()
-    shard = dataset.shard(key)
-    idx_info = dataset.index_info(key)
-    idx_fp = fingerprint_of(idx_info) if idx_info else None
-    idx_url = dataset.url_of(dataset.index_path(key), dataset.index_fs)
+    state = load_shard_state(dataset, key, index_bytes=not force)
+    shard, idx_fp, idx_url = state.info, state.index_fingerprint, state.index_url
 
     members = built = None
-    if not force and idx_info is not None:
-        raw = dataset.read_index_bytes(key) or b""
+    if not force and state.index_info is not None:
+        state.raise_index_error()
+        raw = state.index_bytes or b""
         counts: tuple[int, int] | None = None  # (records, components) of a reusable index
         if previous and previous.get("tar_fingerprint"):
             # What the last run recorded decides: an unchanged tar and index are reused, a
@@ -64,16 +63,14 @@ def ensure_index(
                 counts = index_counts(raw, idx_url)
         else:
             # Every header is read (never the data): reuse only an index that describes the tar exactly.
-            with dataset.open_shard(key) as f:
-                members = read_members(f, shard.url)
+            members = _members(state)
             counts, built = describes(raw, idx_url, members)
         if counts is not None:
             return IndexResult(key, shard.url, idx_url, counts[0], counts[1], shard.size,
                                time.perf_counter() - start, True, shard.fingerprint, idx_fp)
 
     if members is None:
-        with dataset.open_shard(key) as f:
-            members = read_members(f, shard.url)
+        members = _members(state)
     try:
         data, n_records, n_components = built or index_bytes_of_members(members)
     except IndexFormatError as exc:
@@ -86,3 +83,10 @@ def ensure_index(
         fingerprint_of(new_info) if new_info else None,
     )
 
+
+def _members(state):
+    """Every member of the shard's tar (its headers; the data is never read)."""
+    from curator_assets.formats.tar_members import read_members
+
+    with state.open() as f:
+        return read_members(f, state.info.url)

@@ -371,22 +371,22 @@ def validate_shard(
     Raises :class:`~curator_assets.store.errors.StorageError` only when the shard cannot be opened;
     everything wrong inside it is a problem in the report.
     """
-    from curator_assets.store.keys import fingerprint_of
+    from curator_assets.steps.state import load_shard_state
 
     start = time.perf_counter()
-    info = dataset.shard(key)
-    index_info = dataset.index_info(key)
-    index_bytes = dataset.read_index_bytes(key)
+    state = load_shard_state(dataset, key)
+    state.raise_index_error()
+    info, index_bytes = state.info, state.index_bytes
     # Remote stores: read ahead in large blocks (RemoteFile.DEFAULT_BLOCK), so the one pass
     # over headers and contents costs few requests.
-    with dataset.open_shard(key) as f:
+    with state.open() as f:
         report = validate_file(
             f, shard=info.url, key=key, index_bytes=index_bytes, expect_index=True, max_pixels=max_pixels,
             severities=severities, total_size=info.size,
         )
     report.fingerprint = info.fingerprint
-    if index_info is not None and index_bytes is not None:
-        report.index_fingerprint = fingerprint_of(index_info)
+    if index_bytes is not None:
+        report.index_fingerprint = state.index_fingerprint
     report.seconds = time.perf_counter() - start
     return report
 

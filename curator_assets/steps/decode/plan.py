@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from curator_assets.formats import schema
-from curator_assets.formats.idx import IndexComponent, IndexFormatError, header_starts, index_differences, parse_index
+from curator_assets.formats.idx import IndexComponent, IndexFormatError, header_starts, index_differences
 from curator_assets.formats.sniff import not_a_tar
 from curator_assets.formats.tar_members import (
     group_records,
     scan_tar,
 )
 from curator_assets.steps.decode.options import IMAGE_EXTENSIONS, DecodeError, StaleIndexError
-from curator_assets.store.errors import StorageError
+from curator_assets.steps.state import ShardState, load_shard_state
 
 # ---------------------------------------------------------------------------------------------
 # The plan: records and where their components are
@@ -111,7 +111,8 @@ def apply_report(plan: ShardPlan, report, fingerprint: str | None) -> None:
 AUTO = "auto"  # plan_shard's report: read the shard's stored validation report, if any
 
 
-def plan_shard(dataset, key: str, report: Any = AUTO, *, scan: bool = True) -> ShardPlan:
+def plan_shard(dataset, key: str, report: Any = AUTO, *, scan: bool = True,
+               state: ShardState | None = None) -> ShardPlan:
     """The records of shard ``key``, from a scan of every header (never the data), checked
     against the shard's ``.idx`` when it has one.
 
@@ -126,30 +127,36 @@ def plan_shard(dataset, key: str, report: Any = AUTO, *, scan: bool = True) -> S
 
     ``scan=False``: a remote shard with a named index is planned from the index alone (see
     :func:`_plan_from_index`): the header scan would read the whole object once more before the
-    batches read it again. The caller must plan again with a scan on :class:`StaleIndexError`.
+    batches read it again. The caller must plan again with a scan on :class:`StaleIndexError`,
+    passing the same ``state`` (what :func:`load_plan_state` read), so nothing is read twice.
     """
-    shard = dataset.shard(key)
-    try:
-        raw = dataset.read_index_bytes(key)
-    except StorageError:
-        raise
-    except OSError as exc:
+    state = state or load_plan_state(dataset, key, report)
+    shard, raw = state.info, state.index_bytes
+    if state.index_error is not None:
+        exc = state.index_error
         raise DecodeError(f"{shard.url}: cannot read its index: {exc}") from exc
-    plan = None if scan or dataset.local or not raw else _plan_from_index(dataset, shard, raw)
+    plan = None if scan or dataset.local or not raw else _plan_from_index(state)
     if plan is None:
-        plan = _plan_from_scan(dataset, shard, raw)
+        plan = _plan_from_scan(dataset, state)
     if report == AUTO:
-        report = _stored_report(dataset, key, plan)
+        report = _stored_report(state, plan)
     apply_report(plan, report, shard.fingerprint)
     return plan
 
 
-def _plan_from_index(dataset, shard, raw: bytes) -> ShardPlan | None:
+def load_plan_state(dataset, key: str, report: Any = AUTO) -> ShardState:
+    """What planning reads of shard ``key``: its info, its index bytes, and (``report="auto"``)
+    its stored validation report."""
+    return load_shard_state(dataset, key, index_info=False, report=report == AUTO)
+
+
+def _plan_from_index(state: ShardState) -> ShardPlan | None:
     """The records as the index lists them, with where each member's headers must begin
     (:func:`~curator_assets.formats.idx.header_starts`); None when the index cannot describe the tar
     (the scan then decides how it is wrong)."""
+    shard, raw = state.info, state.index_bytes or b""
     try:
-        index = parse_index(raw)
+        index = state.parsed_index()
     except IndexFormatError:
         return None
     starts = header_starts(index, shard.size)
@@ -164,7 +171,8 @@ def _plan_from_index(dataset, shard, raw: bytes) -> ShardPlan | None:
     return plan
 
 
-def _plan_from_scan(dataset, shard, raw: bytes | None) -> ShardPlan:
+def _plan_from_scan(dataset, state: ShardState) -> ShardPlan:
+    shard, raw = state.info, state.index_bytes
     scan, read = _scan_shard(dataset, shard)
     problems = [f"{p.code} at byte {p.offset}: {p.detail}" for p in scan.problems]
     records = group_records(scan.members)
@@ -172,7 +180,7 @@ def _plan_from_scan(dataset, shard, raw: bytes | None) -> ShardPlan:
     bytes_read = (512 * len(scan.members) if read is None else read) + len(raw or b"")
     source = "scan"
     if raw:
-        source = _check_index(dataset, shard, raw, scan, records, problems)
+        source = _check_index(state, scan, records, problems)
     planned = [
         _planned(n, rec.key, tuple(Component(ext, m.offset, m.size, m.name) for ext, m in rec.components))
         for n, rec in enumerate(records)
@@ -200,12 +208,12 @@ def _scan_shard(dataset, shard):
     return scan, read
 
 
-def _check_index(dataset, shard, raw: bytes, scan, records, problems: list[str]) -> str:
+def _check_index(state: ShardState, scan, records, problems: list[str]) -> str:
     """"index" when the shard's ``.idx`` describes the scanned tar exactly (and has names), else
     "scan"; raises :class:`StaleIndexError` for an index of another tar."""
-    idx_url = dataset.url_of(dataset.index_path(shard.key), dataset.index_fs)
+    shard, idx_url = state.info, state.index_url
     try:
-        index = parse_index(raw, idx_url)
+        index = state.parsed_index()
     except IndexFormatError as exc:
         raise DecodeError(f"{shard.url}: unreadable index: {exc}", "idx_unreadable") from exc
     if scan.problems:
@@ -218,15 +226,12 @@ def _check_index(dataset, shard, raw: bytes, scan, records, problems: list[str])
     return "scan"
 
 
-def _stored_report(dataset, key: str, plan: ShardPlan):
-    from curator_assets.formats.report import read_report
-
-    try:
-        return read_report(dataset, key)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+def _stored_report(state: ShardState, plan: ShardPlan):
+    exc = state.report_error
+    if exc is not None:
         plan.report = "unreadable"
         plan.problems.append(f"the validation report cannot be read ({exc}): not used")
-        return None
+    return state.report
 
 
 def _refuse_stale(shard_url: str, index, records) -> None:

@@ -14,15 +14,8 @@ import numpy as np
 from curator_assets.formats import schema, sniff
 from curator_assets.formats.manifest import ManifestRow
 from curator_assets.formats.sniff import ImageProblem, check_image, jpeg_header
-from curator_assets.formats.tar_members import (
-    REGULAR_TYPES,
-    Member,
-    check_header,
-    header_name,
-    header_size,
-    member_at,
-    parse_number,
-)
+from curator_assets.formats.tar_headers import header_name, header_size, parse_number
+from curator_assets.formats.tar_members import REGULAR_TYPES, Member, check_header, member_at
 from curator_assets.steps.decode.options import DEFAULT_MAX_PIXELS, LOCAL_GAP, REMOTE_GAP, DecodeError, StaleIndexError
 from curator_assets.steps.decode.plan import Component, PlannedRecord, ShardPlan
 from curator_assets.store.errors import StorageError

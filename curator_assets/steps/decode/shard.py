@@ -84,7 +84,7 @@ from curator_assets.steps.decode.options import (
     StaleIndexError,
     resolve_device,
 )
-from curator_assets.steps.decode.plan import AUTO, PlannedRecord, ShardPlan, plan_shard
+from curator_assets.steps.decode.plan import AUTO, PlannedRecord, ShardPlan, load_plan_state, plan_shard
 from curator_assets.steps.decode.reader import EncodedBatch, EncodedRecord, ShardReader, check_metadata, sniff_image
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +539,8 @@ def decode_shard(
         finally:
             decoder.close()
     start, read_at_start = time.perf_counter(), _bytes_so_far(dataset)
-    plan = plan_shard(dataset, key, report, scan=False)
+    state = load_plan_state(dataset, key, report)  # read once: a second plan below reuses it
+    plan = plan_shard(dataset, key, report, scan=False, state=state)
     reader = decoder.reader_for(dataset, plan)
     try:
         rows, bytes_read = _decode_planned(decoder, dataset, plan)
@@ -549,7 +550,8 @@ def decode_shard(
         # The index did not hold where the batches read the tar: the header scan decides whether
         # it is stale (raised again, as for a local shard) or the tar damaged (planned from the scan).
         first_try = _bytes_so_far(dataset) - read_at_start
-        plan = plan_shard(dataset, key, report)
+        plan = plan_shard(dataset, key, report, state=state)
+        plan.bytes_read -= len(state.index_bytes or b"")  # read once, by the first try
         plan.problems.append("the index did not match the tar where it was read: planned again from a header scan")
         rows, bytes_read = _decode_planned(decoder, dataset, plan)
         bytes_read += first_try
