@@ -12,6 +12,7 @@ import bz2
 import gzip
 import hashlib
 import io
+import json
 import lzma
 import os
 import shutil
@@ -230,7 +231,7 @@ def test_exports_are_deterministic_and_shuffle_is_seeded(corpus, exported, tmp_p
 def test_a_shuffle_over_more_inputs_than_open_files(corpus, tmp_path, monkeypatch) -> None:
     """With one input file open at a time (inputs closed and opened again as the shuffle jumps),
     the bytes are those of the export that keeps them all open."""
-    from curator_assets.steps.export import SourceFiles
+    from curator_assets.steps.export_tar import SourceFiles
 
     options = ExportOptions(records_per_shard=4, shuffle_seed=3)
     export_dataset(str(corpus), str(tmp_path / "all-open"), options)
@@ -260,7 +261,7 @@ def test_member_headers_are_what_tarfile_writes() -> None:
     import random
     import string
 
-    from curator_assets.steps.export import member_header
+    from curator_assets.formats.tar_headers import member_header
 
     rng = random.Random(5)
     names = ["a.jpg", "x" * 100, "x" * 101, "ü/日本.jpg", "a b.jpg", "a\x01b.jpg", "d" * 120 + "/k.jpg"]
@@ -457,6 +458,137 @@ def test_a_killed_export_resumes_without_rewriting_finished_shards(corpus, expor
     assert not list(dst.glob(".curator-tmp-*"))
 
 
+def test_shards_are_written_while_later_sources_are_planned(corpus, exported, tmp_path) -> None:
+    """Without a shuffle an output shard goes out as soon as its records are planned: the first
+    one is on disk while the last source is still being read. (Written only after planning, it
+    would never appear here, and the test fails at its deadline.)"""
+    dst = tmp_path / "dst"
+    seen: list[bool] = []
+    last = sorted(corpus.glob("*.tar"))[-1]
+
+    def log(line: str) -> None:
+        if line.startswith("reading ") and line.endswith(last.name):
+            deadline = time.monotonic() + 60
+            while not (dst / "00000.tar").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)  # polls for the state it needs: the writer's first shard
+            seen.append((dst / "00000.tar").exists() and (dst / "00000.idx").exists())
+
+    result = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=4), log=log)
+    assert seen == [True]
+    ref, _ = exported
+    names = sorted(p.name for p in ref.iterdir() if p.suffix in (".tar", ".idx", ".parquet"))
+    assert result.ok and names == sorted(p.name for p in dst.iterdir() if p.is_file())
+    assert all((dst / n).read_bytes() == (ref / n).read_bytes() for n in names)
+
+
+def test_more_shards_than_the_streamed_names_hold(corpus, exported, tmp_path, monkeypatch) -> None:
+    """Shards written while planning are named at the usual width; when there turn out to be more
+    shards than that width holds, every shard is written again under the wider names and the
+    narrow ones removed (here with one digit, as it would go past 100,000 shards)."""
+    from curator_assets.steps import export as export_module
+
+    monkeypatch.setattr(export_module, "MIN_NAME_WIDTH", 1)
+    dst = tmp_path / "dst"
+    result = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=1))
+    assert result.ok and result.shards >= 11
+    width = len(str(result.shards - 1))
+    tars = sorted(p.name for p in dst.glob("*.tar"))
+    assert tars == [f"{i:0{width}d}.tar" for i in range(result.shards)]
+    assert sorted(p.name for p in dst.glob("*.idx")) == [t[:-4] + ".idx" for t in tars]
+    ref, _ = exported
+    kept = [k for t in sorted(ref.glob("*.tar")) for k, _ in records_of(t)]
+    assert [k for t in tars for k, _ in records_of(dst / t)] == kept
+    rows = manifest(dst)
+    assert {r["output_shard"] for r in rows if r["output_shard"]} == {t[:-4] for t in tars}
+    state = json.loads((dst / ".export" / "state.json").read_bytes())
+    assert sorted(state["shards"]) == [t[:-4] for t in tars]
+    again = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=1))
+    assert again.written == [] and again.removed == []
+
+
+def test_the_journal_keeps_finished_shards_and_skips_a_torn_line(corpus, exported, tmp_path) -> None:
+    """A run killed after some shards left them in the journal (state.json not yet rewritten);
+    the next run trusts those and rewrites none of them, and a line cut short by the kill is
+    ignored."""
+    dst = tmp_path / "dst"
+    first = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=4))
+    state_path, journal = dst / ".export" / "state.json", dst / ".export" / "journal.jsonl"
+    state = json.loads(state_path.read_bytes())
+    assert not journal.exists()  # emptied once the state holds it all
+    lines = [json.dumps({"shard": n, "entry": e}) for n, e in sorted(state["shards"].items())]
+    journal.write_text("\n".join(lines) + "\n" + lines[0][: len(lines[0]) // 2])
+    state_path.write_text(json.dumps({**state, "shards": {}}))  # as if killed before the state was written
+    inodes = {p.name: p.stat().st_ino for p in dst.glob("*.tar")}
+    again = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=4))
+    assert again.written == [] and again.unchanged == first.shards
+    assert {p.name: p.stat().st_ino for p in dst.glob("*.tar")} == inodes
+    assert json.loads(state_path.read_bytes())["shards"] == state["shards"] and not journal.exists()
+
+
+_HOLD = """
+import sys
+import fsspec
+from curator_assets.steps.export_state import WriterLease
+lease = WriterLease(fsspec.filesystem(sys.argv[1], **eval(sys.argv[2])), sys.argv[3], sys.argv[4])
+lease.acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold_lease(protocol: str, options: dict, root: str, url: str) -> subprocess.Popen:
+    """Another process holding DST's lock (lease) until it is killed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, protocol, repr(options), root, url], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_export_into_the_same_output_stops_while_the_first_runs(corpus, tmp_path, capsys) -> None:
+    """Another process writing DST (holding its lock): the export stops at once with exit 2 and a
+    line naming that process, writing nothing; once that process is gone (killed: the kernel drops
+    its lock), the export runs."""
+    dst = tmp_path / "dst"
+    holder = _hold_lease("file", {}, str(dst), str(dst))
+    try:
+        code = cli_main(["export", str(corpus), "--output", str(dst)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"pid {holder.pid}" in err and "another export is writing it" in err, err
+        assert not list(dst.glob("*.tar")) and not (dst / "manifest.parquet").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli_main(["export", str(corpus), "--output", str(dst)]) == 0
+    assert (dst / "manifest.parquet").exists()
+
+
+@pytest.mark.cloud
+def test_an_object_store_output_is_leased(s3_store, corpus, tmp_path, monkeypatch) -> None:
+    """On an object store a lease object stands for the lock: held and renewed, it stops a second
+    export; left by a killed holder, it is taken over once older than LEASE_S."""
+    from curator_assets.steps import export_state
+
+    bucket = s3_store.new_bucket()
+    out_url = s3_store.url(f"{bucket}/curated")
+    holder = _hold_lease("s3", s3_store.storage_options, f"{bucket}/curated", out_url)
+    try:
+        with pytest.raises(ExportError, match=f"another export is writing it .*pid {holder.pid}") as info:
+            export_dataset(str(corpus), out_url, ExportOptions(), dst_storage_options=s3_store.storage_options)
+        assert info.value.code == "output_busy"
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ExportError, match="another export"):  # its lease is fresh: the holder may be alive
+        export_dataset(str(corpus), out_url, ExportOptions(), dst_storage_options=s3_store.storage_options)
+    monkeypatch.setattr(export_state, "LEASE_S", 0.5)
+    time.sleep(0.6)  # the lease ages past LEASE_S (the holder is known dead: no renewal can come)
+    result = export_dataset(str(corpus), out_url, ExportOptions(), dst_storage_options=s3_store.storage_options)
+    assert result.ok and result.kept
+    fs = s3_store.filesystem(fresh=True)
+    assert not fs.exists(f"{bucket}/curated/.export/lease.json")  # released at the end
+
+
 # -- the Dagster asset ---------------------------------------------------------------------------
 
 
@@ -491,24 +623,26 @@ def test_curated_shards_asset_shows_counts_and_a_picture(corpus, exported, tmp_p
 # -- object stores -------------------------------------------------------------------------------
 
 
-def test_export_from_and_to_an_object_store(s3_store, corpus, exported, tmp_path) -> None:
-    """S3 (moto) in and out, one shard gzip-compressed: the same bytes as the local export."""
+@pytest.mark.cloud
+def test_export_from_and_to_an_object_store(object_store, corpus, exported, tmp_path) -> None:
+    """Each object store (S3 on moto, GCS on its emulator, Azure Blob on Azurite) in and out, one shard
+    gzip-compressed: the same bytes as the local export; a rerun writes nothing."""
     dst, first = exported
     local = tmp_path / "up"
     shutil.copytree(corpus, local)
     (local / "00002.tar.gz").write_bytes(gzip.compress((local / "00002.tar").read_bytes()))
     (local / "00002.tar").unlink()
-    bucket = s3_store.new_bucket()
-    src_url = s3_store.upload(local, f"{bucket}/src")
-    out_url = s3_store.url(f"{bucket}/curated")
+    bucket = object_store.new_bucket()
+    src_url = object_store.upload(local, f"{bucket}/src")
+    out_url = object_store.url(f"{bucket}/curated")
     options = ExportOptions(records_per_shard=4)
-    result = export_dataset(src_url, out_url, options, storage_options=s3_store.storage_options)
+    result = export_dataset(src_url, out_url, options, storage_options=object_store.storage_options)
     assert result.ok, result.errors
     assert result.kept == first.kept and result.shards == first.shards
-    fs = s3_store.filesystem(fresh=True)
+    fs = object_store.filesystem(fresh=True)
     for p in sorted(dst.glob("*.tar")) + sorted(dst.glob("*.idx")) + [dst / "manifest.parquet"]:
         assert fs.cat_file(f"{bucket}/curated/{p.name}") == p.read_bytes(), p.name
-    again = export_dataset(src_url, out_url, options, storage_options=s3_store.storage_options)
+    again = export_dataset(src_url, out_url, options, storage_options=object_store.storage_options)
     assert again.written == [] and not again.manifest_written
     with pytest.raises(ExportError, match="inside the dataset"):
-        export_dataset(src_url, s3_store.url(f"{bucket}/src/out"), storage_options=s3_store.storage_options)
+        export_dataset(src_url, object_store.url(f"{bucket}/src/out"), storage_options=object_store.storage_options)

@@ -1,6 +1,7 @@
 """Tar header fields and the block reader: the rules every module uses to read one 512-byte
-header (numbers, names, checksums, PAX records), and a lean positional reader of blocks at
-absolute offsets (a read-only map of a local file; seek/read for anything else).
+header (numbers, names, checksums, PAX records), the headers of members written with fixed
+metadata (what export writes), and a lean positional reader of blocks at absolute offsets (a
+read-only map of a local file; seek/read for anything else).
 
 The scan over a whole tar, its recovery and the members it yields are
 :mod:`curator_assets.formats.tar_members`, which re-exports the public names here.
@@ -147,6 +148,39 @@ def parse_pax(data: bytes) -> tuple[dict[str, str], str | None]:
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: the headers of members written with fixed metadata (what export writes).
+
+# The fields of a ustar header that are the same for every output member (mode 0644, uid/gid 0,
+# mtime 0, no user names, no device), around the name, size and checksum.
+_MODE_TO_SIZE = b"0000644\0" + b"0000000\0" * 2
+_MTIME = b"00000000000\0"
+_AFTER_CHKSUM = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 16 + 155 + 12)  # no device numbers, as tarfile
+_USTAR_MAX_SIZE = 8**11 - 1
+_FIXED_SUM = sum(_AFTER_CHKSUM) + 8 * ord(" ")  # the checksum field counts as eight spaces
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header(s) of a member written with fixed metadata, pax records where ustar cannot hold the
+    name (what ``tarfile`` writes in its PAX format, byte for byte; a plain ASCII name that fits is
+    one ustar header, built here without a TarInfo: this runs once per member)."""
+    raw = name.encode("ascii", "surrogateescape") if name.isascii() else None
+    if raw is not None and len(raw) <= 100 and size <= _USTAR_MAX_SIZE and name.isprintable():
+        head = raw.ljust(100, b"\0") + _MODE_TO_SIZE + b"%011o\0" % size + _MTIME
+        chksum = sum(head) + _FIXED_SUM
+        return head + b"%06o\0 " % chksum + _AFTER_CHKSUM
+    return _pax_header(name, size)
+
+
+def _pax_header(name: str, size: int) -> bytes:
+    import tarfile  # rare (a long or non-ASCII name): not on every reader's import path
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,15 +17,14 @@ where it went, or why it was left out). See docs/export.md.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import os
 import posixpath
+import queue
 import random
 import shutil
-import tarfile
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from typing import Any, NamedTuple
 
 from curator_assets.formats.idx import format_lines
 from curator_assets.formats.report import DEFAULT_MAX_PIXELS
-from curator_assets.formats.tar_members import BLOCK
 from curator_assets.steps.export_sources import (
     Source,
     SourcePlan,
@@ -46,6 +44,8 @@ from curator_assets.steps.export_sources import (
     readable,
     verdict_fingerprints,
 )
+from curator_assets.steps.export_state import STATE_DIR, ExportBusy, ExportState, WriterLease
+from curator_assets.steps.export_tar import SourceChanged, SourceFiles, write_tar
 from curator_assets.store.atomic import atomic_file, write_atomic
 from curator_assets.store.dataset import Dataset
 from curator_assets.store.errors import StorageError
@@ -53,13 +53,9 @@ from curator_assets.store.fs import url_protocol
 from curator_assets.store.keys import fingerprint_of
 
 DEFAULT_RECORDS_PER_SHARD = 10_000
-STATE_DIR = ".export"
-STATE_NAME = "state.json"
+MIN_NAME_WIDTH = 5  # digits of output shard names
 MANIFEST_NAME = "manifest.parquet"
-FORMAT_VERSION = 1
-RECORD_SIZE = 20 * BLOCK  # the archive is padded to this, as tarfile and GNU tar pad it
-COPY_CHUNK = 1 << 20
-_ZEROS = bytes(RECORD_SIZE)
+FORMAT_VERSION = 1  # of the shard digests (the state's own version: export_state.FORMAT_VERSION)
 
 
 class ExportOptions(NamedTuple):
@@ -142,34 +138,64 @@ class Planned(NamedTuple):
     out_keys: list[list[str | None]]
 
 
-def assign(plans: list[SourcePlan], options: ExportOptions) -> Planned:
-    """Kept records in input order, duplicates of an earlier image left out, keys made unique;
-    then spread in a seeded random order with ``shuffle_seed``."""
-    seen_image: dict[str, str] = {}
-    used: set[str] = set()
-    kept: list[tuple[int, int, str]] = []
-    reasons: list[list[str | None]] = []
-    out_keys: list[list[str | None]] = []
-    for p, plan in enumerate(plans):
+class Assigner:
+    """Decides, source after source in input order, which records are kept and under which key:
+    duplicates of an earlier image left out, keys made unique. Without a shuffle every full output
+    shard is known as soon as its last record is planned (:meth:`full_shards`), so it can be
+    written while the next sources are planned; with one, the order is known only at the end."""
+
+    def __init__(self, options: ExportOptions):
+        self.options = options
+        self.seen_image: dict[str, str] = {}
+        self.used: set[str] = set()
+        self.kept: list[tuple[int, int, str]] = []
+        self.reasons: list[list[str | None]] = []
+        self.out_keys: list[list[str | None]] = []
+        self.handed_out = 0  # kept records already given out in full shards
+
+    def add(self, p: int, plan: SourcePlan) -> None:
+        options, keep_duplicates = self.options, self.options.keep_duplicates
         plan_reasons: list[str | None] = []
         plan_keys: list[str | None] = []
         for r, rec in enumerate(plan.records):
             reason = _reason(rec, options)
-            if reason is None and rec.sha256 and not options.keep_duplicates:
-                first = seen_image.setdefault(rec.sha256, f"{plan.key}/{rec.key}")
+            if reason is None and rec.sha256 and not keep_duplicates:
+                first = self.seen_image.setdefault(rec.sha256, f"{plan.key}/{rec.key}")
                 if first != f"{plan.key}/{rec.key}":
                     reason = f"duplicate_of:{first}"
             key = None
             if reason is None:
-                key = unique_key(rec.key, plan.key, used)
-                kept.append((p, r, key))
+                key = unique_key(rec.key, plan.key, self.used)
+                self.kept.append((p, r, key))
             plan_reasons.append(reason)
             plan_keys.append(key)
-        reasons.append(plan_reasons)
-        out_keys.append(plan_keys)
-    if options.shuffle_seed is not None:
-        random.Random(options.shuffle_seed).shuffle(kept)
-    return Planned(kept, reasons, out_keys)
+        self.reasons.append(plan_reasons)
+        self.out_keys.append(plan_keys)
+
+    def full_shards(self) -> list[list[tuple[int, int, str]]]:
+        """The output shards filled since the last call (none with a shuffle: it needs every record)."""
+        if self.options.shuffle_seed is not None:
+            return []
+        n = self.options.records_per_shard
+        out = []
+        while len(self.kept) - self.handed_out >= n:
+            out.append(self.kept[self.handed_out : self.handed_out + n])
+            self.handed_out += n
+        return out
+
+    def finish(self) -> Planned:
+        if self.options.shuffle_seed is not None:
+            random.Random(self.options.shuffle_seed).shuffle(self.kept)
+        return Planned(self.kept, self.reasons, self.out_keys)
+
+
+def assign(plans: list[SourcePlan], options: ExportOptions) -> Planned:
+    """Kept records in input order, duplicates of an earlier image left out, keys made unique;
+    then spread in a seeded random order with ``shuffle_seed``."""
+    assigner = Assigner(options)
+    for p, plan in enumerate(plans):
+        assigner.add(p, plan)
+    return assigner.finish()
 
 
 def _reason(rec: SourceRecord, options: ExportOptions) -> str | None:
@@ -195,7 +221,8 @@ def unique_key(key: str, shard: str, used: set[str]) -> str:
 
 
 def shard_names(n: int) -> list[str]:
-    width = max(5, len(str(max(n - 1, 0))))
+    """``00000``, ``00001``, ...: one width for all, wider only past ``10**MIN_NAME_WIDTH`` shards."""
+    width = max(MIN_NAME_WIDTH, len(str(max(n - 1, 0))))
     return [f"{i:0{width}d}" for i in range(n)]
 
 
@@ -211,225 +238,80 @@ def shard_digest(plans: list[SourcePlan], entries: list[tuple[int, int, str]]) -
     return h.hexdigest()
 
 
-# -- writing one output shard --------------------------------------------------------------------
+class ShardWriter:
+    """Writes the output shards on a thread of its own, in the order they are handed over, while
+    the main thread plans the next sources: the copies and fsyncs wait on the kernel with the GIL
+    released, planning is Python. Each shard written is recorded in the state's journal by this
+    thread; its log lines are passed to the main thread (:meth:`relay_log`), which owns the
+    caller's logger."""
 
+    def __init__(self, exporter: Exporter, state: dict[str, Any]):
+        self.exporter = exporter
+        self.old: dict[str, Any] = dict(state.get("shards", {}))
+        self.written: dict[str, dict[str, Any]] = {}  # name -> its state entry
+        self.handed: set[str] = set()
+        self.streamed = 0
+        # Names given while planning: as wide as the last run's (when it had more than 10**5 shards,
+        # a rerun then finds them in place), else the narrowest.
+        self.width = max([MIN_NAME_WIDTH, *(len(n) for n in self.old if n.isdigit())])
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lines: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.stopping = exporter.stopping
+        self.thread = threading.Thread(target=self._loop, name="export-writer", daemon=True)
+        self.thread.start()
 
-# The fields of a ustar header that are the same for every output member (mode 0644, uid/gid 0,
-# mtime 0, no user names, no device), around the name, size and checksum.
-_MODE_TO_SIZE = b"0000644\0" + b"0000000\0" * 2
-_MTIME = b"00000000000\0"
-_AFTER_CHKSUM = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 16 + 155 + 12)  # no device numbers, as tarfile
-_USTAR_MAX_SIZE = 8**11 - 1
-_FIXED_SUM = sum(_AFTER_CHKSUM) + 8 * ord(" ")  # the checksum field counts as eight spaces
+    def submit(self, plans: list[SourcePlan], entries: list[tuple[int, int, str]], name: str | None = None) -> None:
+        """Hand over the next output shard (named ``00000``, ``00001``, ... in hand-over order unless
+        ``name`` says otherwise)."""
+        if self.error is not None:
+            raise self.error
+        if name is None:  # handed over while planning: the final names, unless there turn out to be more
+            name = f"{self.streamed:0{self.width}d}"
+            self.streamed += 1
+        self.handed.add(name)
+        self.jobs.put((plans, name, entries))
 
-
-def member_header(name: str, size: int) -> bytes:
-    """The header(s) of an output member: fixed metadata, pax records where ustar cannot hold the
-    name (what ``tarfile`` writes in its PAX format, byte for byte; a plain ASCII name that fits is
-    one ustar header, built here without a TarInfo: this runs once per member)."""
-    raw = name.encode("ascii", "surrogateescape") if name.isascii() else None
-    if raw is not None and len(raw) <= 100 and size <= _USTAR_MAX_SIZE and name.isprintable():
-        head = raw.ljust(100, b"\0") + _MODE_TO_SIZE + b"%011o\0" % size + _MTIME
-        chksum = sum(head) + _FIXED_SUM
-        return head + b"%06o\0 " % chksum + _AFTER_CHKSUM
-    return _pax_header(name, size)
-
-
-def _pax_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-class SourceFiles:
-    """The input files one output shard is copied from: at most ``MAX_OPEN`` open at once (a
-    shuffled shard draws from every input; the least recently used is closed). Members read in
-    order are sliced out of one reused window buffer (no allocation, no fresh pages per read)."""
-
-    MAX_OPEN = 64
-    WINDOW = 4 << 20  # bytes read at once from an input read in order
-
-    def __init__(self, opener: Callable[[int], Any]):
-        from collections import OrderedDict
-
-        self.opener = opener
-        self.files: OrderedDict[int, tuple[Any, int | None]] = OrderedDict()
-        self.ends: dict[int, int] = {}  # input -> where its last read ended
-        self.buffer = memoryview(bytearray(self.WINDOW))
-        self.owner: int | None = None  # the input whose bytes the buffer holds ...
-        self.start = self.length = 0  # ... from this offset, this many
-        self.before_read: Callable[[], None] = lambda: None  # called before the buffer is overwritten
-
-    def get(self, p: int) -> tuple[Any, int | None]:
-        """(file, its descriptor or None)."""
-        entry = self.files.get(p)
-        if entry is not None:
-            self.files.move_to_end(p)
-            return entry
-        if len(self.files) >= self.MAX_OPEN:
-            old, (f, _fd) = self.files.popitem(last=False)
-            self.ends.pop(old, None)
-            if self.owner == old:
-                self.owner = None
-            f.close()
-        f = self.opener(p)
-        entry = self.files[p] = (f, fileno_of(f))
-        return entry
-
-    def small(self, p: int, fd: int, offset: int, size: int) -> memoryview:
-        """A small member's bytes. Reading on from where the last read of that input ended (records
-        in input order), ``WINDOW`` bytes are read into the buffer at once (after ``before_read``:
-        the bytes sliced from it before must be written first) and the members are sliced out of
-        it; a jump (a shuffle) reads just the member."""
-        if p == self.owner and self.start <= offset and offset + size <= self.start + self.length:
-            return self.buffer[offset - self.start : offset - self.start + size]
-        end = self.ends.get(p)
-        if end is not None and end - 4 * BLOCK <= offset <= end + TarSink.SMALL and size <= self.WINDOW:
-            self.before_read()
-            self.owner = None
-            n = os.preadv(fd, [self.buffer], offset)
-            if n < size:
-                raise ExportError(f"input ended {size - n} bytes early at byte {offset + n}", "source_changed")
-            self.owner, self.start, self.length = p, offset, n
-            self.ends[p] = offset + n
-            return self.buffer[:size]
-        data = os.pread(fd, size, offset)
-        if len(data) < size:
-            raise ExportError(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}",
-                              "source_changed")
-        self.ends[p] = offset + size
-        return memoryview(data)
-
-    def close(self) -> None:
-        for f, _fd in self.files.values():
-            f.close()
-        self.files.clear()
-        self.ends.clear()
-        self.owner = None
-
-
-class TarSink:
-    """Writes an output tar through its file descriptor: headers, padding and small members
-    (:meth:`SourceFiles.small`) gathered and written together by ``writev``; large members copied by
-    the kernel from a local input (``copy_file_range``: their bytes never enter this process);
-    anything else read and written in chunks."""
-
-    SMALL = 256 << 10  # members up to this size are read, and written with the headers around them
-    BATCH = 4 << 20  # gathered bytes written at once
-
-    def __init__(self, out):
-        out.flush()
-        self.fd = out.fileno()
-        self.pos = 0
-        self.pending: list[bytes] = []  # bytes gathered, not yet written
-        self.pending_size = 0
-        self.kernel_copy = hasattr(os, "copy_file_range")
-
-    def put(self, data: bytes) -> None:
-        self.pending.append(data)
-        self.pending_size += len(data)
-        self.pos += len(data)
-        if self.pending_size >= self.BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        while self.pending:
-            batch, self.pending = self.pending[:512], self.pending[512:]
-            _write_all(self.fd, batch)
-        self.pending_size = 0
-
-    def copy(self, source: tuple[Any, int | None], offset: int, size: int) -> None:
-        """A large member (or one from a file without a descriptor): written straight through."""
-        f, fd = source
-        self.flush()
-        done = self._kernel_copy(fd, offset, size) if fd is not None and self.kernel_copy else 0
-        if done < size:
-            self._read_copy(f, offset + done, size - done)
-        self.pos += size
-
-    def _kernel_copy(self, fd: int, offset: int, size: int) -> int:
-        done = 0
-        try:
-            while done < size:
-                n = os.copy_file_range(fd, self.fd, size - done, offset + done)
-                if n == 0:
-                    raise ExportError(f"input ended {size - done} bytes early at byte {offset + done}",
-                                      "source_changed")
-                done += n
-        except OSError as exc:  # another file system, or a kernel without it: copy by reading
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
-                raise
-            self.kernel_copy = False
-        return done
-
-    def _read_copy(self, f, offset: int, size: int) -> None:
-        f.seek(offset)
-        left = size
-        while left:
-            data = f.read(min(left, COPY_CHUNK))
-            if not data:
-                raise ExportError(f"input ended {left} bytes early at byte {offset + size - left}", "source_changed")
-            _write_all(self.fd, [data])
-            left -= len(data)
-
-
-def fileno_of(f) -> int | None:
-    """The descriptor of a real file (for ``pread`` and kernel copies), None for anything else."""
-    try:
-        fd = f.fileno()
-        os.fstat(fd)
-        return fd
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _write_all(fd: int, buffers: list) -> None:
-    """Write every buffer, in order (``writev`` may write fewer bytes than asked)."""
-    i, n_buffers = 0, len(buffers)
-    while i < n_buffers:
-        n = os.writev(fd, buffers[i:] if i else buffers)
-        while i < n_buffers and n >= len(buffers[i]):
-            n -= len(buffers[i])
-            i += 1
-        if n:
-            buffers[i] = buffers[i][n:]
-
-
-def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]], files: SourceFiles
-              ) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
-    """Stream the records into ``out``: its size, and the index lines (ext, data offset, size,
-    name) of each record."""
-    sink = TarSink(out)
-    files.before_read = sink.flush
-    lines = []
-    small = sink.SMALL
-    for p, r, key in entries:
-        rec = plans[p].records[r]
-        f, fd = source = files.get(p)
-        cut = len(rec.key)
-        comps = []
-        for name, offset, size in rec.members:
-            out_name = key + name[cut:]
-            header = member_header(out_name, size)
-            data_at = sink.pos + len(header)
-            comps.append((name[cut + 1 :], data_at, size, out_name))
-            if fd is not None and size <= small:  # the common case, inline: header, data, padding at once
-                data = files.small(p, fd, offset, size)  # first: it may flush what is pending
-                sink.pending += (header, data, _ZEROS[: -size % BLOCK])
-                sink.pos = data_at + size + (-size % BLOCK)
-                sink.pending_size += len(header) + size
-                if sink.pending_size >= sink.BATCH:
-                    sink.flush()
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None or self.stopping.is_set():
                 continue
-            sink.put(header)
-            sink.copy(source, offset, size)
-            sink.put(_ZEROS[: -size % BLOCK])
-        lines.append(comps)
-    end = 2 * BLOCK
-    sink.put(_ZEROS[: end + -(sink.pos + end) % RECORD_SIZE])
-    sink.flush()
-    return sink.pos, lines
+            plans, name, entries = job
+            try:
+                self.written[name] = entry = self.exporter.write_or_keep(plans, name, entries, self.old)
+                if entry is not self.old.get(name):  # written now: remembered at once (the journal)
+                    self.exporter.state.record(name, entry)
+                    url = self.exporter.dst.url_of(self.exporter.path(name + ".tar"), self.exporter.fs)
+                    self.lines.put(f"wrote {url}: {len(entries)} records")
+            except BaseException as exc:  # noqa: BLE001 - raised in the main thread by close() or submit()
+                self.error = exc
+
+    def relay_log(self) -> None:
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return
+            self.exporter.log(line)
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        """Wait for every shard handed over; their state entries by name (raises the writer's error)."""
+        self.jobs.put(None)
+        while self.thread.is_alive():
+            self.thread.join(0.2)
+            self.relay_log()
+        self.relay_log()
+        if self.error is not None:
+            raise self.error
+        return self.written
+
+    def stop(self) -> None:
+        """On the way out (an error, an interrupt): no new shard is started, and the one being written
+        stops within a few records (its temp file removed: never a partial shard)."""
+        self.stopping.set()
+        self.jobs.put(None)
+        self.thread.join()
+
 
 
 # -- the export as a whole -----------------------------------------------------------------------
@@ -451,11 +333,14 @@ class Exporter:
         if why:
             raise ExportError(why, "output_inside_input")
         self.fs, self.root = self.dst.fs, self.dst.root
+        self.state = ExportState(self.fs, self.root)
         self.log = log or (lambda _msg: None)
         self.result = ExportResult(self.dst.url)
         self._decoder = None
         self.work: Workspace | None = None
         self.sources: list[Source] = []
+        self._sources_by_key: dict[str, Source] = {}
+        self.stopping = threading.Event()  # set on the way out: the shard being written stops
         # A second thread for what can overlap the copies (which wait on the kernel with the GIL
         # released): the plans' cache files and the manifest's bytes.
         self._pool: ThreadPoolExecutor | None = None
@@ -473,16 +358,28 @@ class Exporter:
 
     def run(self) -> ExportResult:
         start = time.perf_counter()
+        writer = None
+        lease = WriterLease(self.fs, self.root, self.dst.url)
+        try:
+            lease.acquire()
+        except ExportBusy as exc:
+            raise ExportError(str(exc), "output_busy") from None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         try:
             self.work = Workspace(self._work_root)
-            plans = self._plans()
-            self._close_decoder()  # its worker processes are not needed while the shards are written
-            self._write(plans)
+            self.state.load()
+            writer = ShardWriter(self, self.state.data)
+            plans, assigner = self._plan_all(writer)
+            self._close_decoder()  # its worker processes are not needed while the last shards are written
+            self._finish(plans, assigner, writer, self.state.data)
             for done in self._cache_writes:  # a cache file that could not be written fails the run, as before
                 done.result()
         finally:
+            if writer is not None:
+                writer.stop()
+            self.state.close()
             self._close()
+            lease.release()
         self.result.seconds = time.perf_counter() - start
         return self.result
 
@@ -513,10 +410,16 @@ class Exporter:
 
     # -- planning ----------------------------------------------------------------------------------
 
-    def _plans(self) -> list[SourcePlan]:
+    def _plan_all(self, writer: ShardWriter) -> tuple[list[SourcePlan], Assigner]:
+        """Every source planned in input order; each output shard handed to the writer as soon as
+        its records are known (without a shuffle), so shards are written while later sources are
+        planned."""
         sources, errors = list_sources(self.src)
         self.result.errors.extend(errors)
-        plans = []
+        self.sources = sources
+        self._sources_by_key = {s.key: s for s in sources}
+        assigner = Assigner(self.options)
+        plans: list[SourcePlan] = []
         for source in sources:
             plan = self._plan(source)
             if plan.error:
@@ -525,10 +428,13 @@ class Exporter:
             if plan.notes and plan.records:
                 self.result.notes.append(f"{plan.url}: damaged, its readable records go out: {plan.notes[0]}")
             plans.append(plan)
-        self.sources = sources
+            assigner.add(len(plans) - 1, plan)
+            for entries in assigner.full_shards():
+                writer.submit(plans, entries)
+            writer.relay_log()
         self.result.sources = len(sources)
         self.result.records = sum(len(p.records) for p in plans)
-        return plans
+        return plans, assigner
 
     def _cache_path(self, source: Source) -> str:
         """Where a source's plan is cached: named by what it depends on besides the tar (whose
@@ -565,51 +471,23 @@ class Exporter:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def _write(self, plans: list[SourcePlan]) -> None:
-        planned = assign(plans, self.options)
+    def _finish(self, plans: list[SourcePlan], assigner: Assigner, writer: ShardWriter, state: dict) -> None:
+        """The last shards (all of them with a shuffle), then the stale ones removed and the manifest."""
+        planned = assigner.finish()
         groups = chunks(planned.kept, self.options.records_per_shard)
         names = shard_names(len(groups))
-        state = self._load_state()
-        old = state.get("shards", {})
+        for name, entries in zip(names, groups, strict=True):
+            if name not in writer.handed:  # not handed out while planning (or under another width)
+                writer.submit(plans, entries, name)
         out_shard = {(p, r): name for name, entries in zip(names, groups, strict=True) for p, r, _k in entries}
         # The manifest is built on a second thread while the shards are written (their copies and
         # fsyncs wait on the kernel with the GIL released); it is written after them, as before.
         manifest = self._pool.submit(_manifest_build, plans, planned, out_shard, state.get("manifest"))
-        self._write_shards(plans, names, groups, state, old)
+        written = writer.close()
+        new_shards = {name: written[name] for name in names}
+        self._remove_stale(set(state.get("shards", {})) | set(written), new_shards, state)
         self._write_manifest(*manifest.result(), state)
         self._summarize(plans, planned)
-
-    def _write_shards(self, plans: list[SourcePlan], names: list[str], groups: list[list], state: dict,
-                      old: dict) -> None:
-        new_shards: dict[str, dict[str, Any]] = {}
-        for name, entries in zip(names, groups, strict=True):
-            digest = shard_digest(plans, entries)
-            if self._still_there(name, old.get(name), digest):
-                new_shards[name] = old[name]
-                self.result.unchanged += 1
-                continue
-            new_shards[name] = self._write_shard(plans, name, entries, digest)
-            state["shards"] = {**old, **new_shards}
-            self._save_state(state)
-        self._remove_stale(old, new_shards, state)
-        state["shards"] = new_shards
-
-    def _load_state(self) -> dict[str, Any]:
-        raw = self._read(self.path(STATE_DIR, STATE_NAME))
-        try:
-            state = json.loads(raw) if raw else {}
-        except ValueError:
-            state = {}
-        if state.get("version") != FORMAT_VERSION:
-            state = {"version": FORMAT_VERSION, "shards": {}}
-        self._saved_state = json.dumps(state, sort_keys=True)
-        return state
-
-    def _save_state(self, state: dict[str, Any]) -> None:
-        text = json.dumps(state, sort_keys=True)
-        if text != self._saved_state:
-            write_atomic(self.fs, self.path(STATE_DIR, STATE_NAME), text.encode())
-            self._saved_state = text
 
     def _still_there(self, name: str, entry: dict | None, digest: str) -> bool:
         if not entry or entry.get("digest") != digest:
@@ -621,27 +499,39 @@ class Exporter:
             return False
         return int(tar.get("size") or 0) == entry.get("size") and int(idx.get("size") or 0) == entry.get("idx_size")
 
+    def write_or_keep(self, plans: list[SourcePlan], name: str, entries: list, old: dict[str, Any]
+                      ) -> dict[str, Any]:
+        """Output shard ``name``: kept when an earlier run wrote it with these records and it is still
+        there, else written (on the writer's thread). Its entry in the state."""
+        digest = shard_digest(plans, entries)
+        if self._still_there(name, old.get(name), digest):
+            self.result.unchanged += 1
+            return old[name]
+        return self._write_shard(plans, name, entries, digest)
+
     def _write_shard(self, plans: list[SourcePlan], name: str, entries: list, digest: str) -> dict[str, Any]:
         files = SourceFiles(lambda p: self._open_source(plans[p]))
         try:
             with atomic_file(self.fs, self.path(name + ".tar")) as out:
-                size, lines = write_tar(out, plans, entries, files)
+                size, lines = write_tar(out, plans, entries, files, self.stopping)
                 idx = format_lines(lines)
                 # An earlier run's index goes before the new tar is renamed in: a reader may find a
                 # tar without its index for a moment, never a tar with another tar's index.
                 self._remove(name + ".idx")
+        except SourceChanged as exc:
+            raise ExportError(f"{self.path(name + '.tar')}: an input {exc}; it changed while it was being exported: "
+                              "run the export again", "source_changed") from exc
         finally:
             files.close()
         write_atomic(self.fs, self.path(name + ".idx"), idx)
         self.result.written.append(name)
         self.result.bytes_written += size + len(idx)
-        self.log(f"wrote {self.dst.url_of(self.path(name + '.tar'), self.fs)}: {len(entries)} records")
         return {"digest": digest, "size": size, "idx_size": len(idx), "records": len(entries)}
 
     def _open_source(self, plan: SourcePlan):
         """The file a plan's records are copied from, once its source is proved unchanged since the
         plan was made (its fingerprint: etag/generation, or mtime and size)."""
-        source = next(s for s in self.sources if s.key == plan.key)
+        source = self._sources_by_key[plan.key]
         if fingerprint_of(self.src.fs.info(source.path)) != plan.fingerprint:
             raise ExportError(f"{source.url}: changed while it was being exported; run the export again",
                               "source_changed")
@@ -656,14 +546,13 @@ class Exporter:
         except (FileNotFoundError, NotADirectoryError):
             pass
 
-    def _remove_stale(self, old: dict, new: dict, state: dict) -> None:
-        for name in sorted(set(old) - set(new)):
+    def _remove_stale(self, old: set[str], new: dict, state: dict) -> None:
+        for name in sorted(old - set(new)):
             self._remove(name + ".idx")
             self._remove(name + ".tar")
             self.result.removed.append(name)
-        if self.result.removed:
-            state["shards"] = new
-            self._save_state(state)
+        state["shards"] = new
+        self.state.save()
 
     def _write_manifest(self, digest: str, rows: bytes, data: bytes | None, state: dict) -> None:
         """Written when its rows changed (compared by digest: a rerun builds no Parquet) or it is gone."""
@@ -677,7 +566,7 @@ class Exporter:
             self.result.manifest_written = True
             self.result.bytes_written += len(data)
         state["manifest"] = digest
-        self._save_state(state)
+        self.state.save()
 
     def _summarize(self, plans: list[SourcePlan], planned: Planned) -> None:
         self.result.shards = -(-len(planned.kept) // self.options.records_per_shard)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from curator_assets.formats.compressed import SNIFF_BYTES, CompressedInputError, compression_of, spool_plain
+from curator_assets.formats.idx import Members
 from curator_assets.formats.report import ERROR, INFO, RECORD_CODES, ShardReport, read_report
 from curator_assets.formats.tar_members import group_records, scan_tar
 from curator_assets.steps.validate import validate_shard
@@ -251,7 +252,6 @@ def plan_source(dataset: Dataset, source: Source, work: Workspace, decoder: Call
     return SourcePlan(source.key, source.url, source.fingerprint, kind, out, notes, None)
 
 
-Members = tuple[tuple[str, int, int], ...]  # (name, data offset, size) of a record's members
 
 
 def _records_from_scan(view: Dataset, source: Source, size: int) -> tuple[list[tuple[str, Members]], list[str],
@@ -272,22 +272,18 @@ def _records_from_scan(view: Dataset, source: Source, size: int) -> tuple[list[t
 def _records_from_index(dataset: Dataset, key: str, report: ShardReport) -> list[tuple[str, Members]] | None:
     """The records as the shard's ``.idx`` lists them, when the fresh validation report found that
     index exact (and it is unchanged since) and the tar whole: no header scan needed."""
-    from curator_assets.formats.idx import IndexFormatError, parse_index
-    from curator_assets.store.keys import fingerprint_of
+    from curator_assets.formats.idx import IndexFormatError, index_members
+    from curator_assets.steps.state import load_shard_state
 
     if report.index != "fresh" or any(p.code.startswith("tar_") for p in report.problems):
         return None
-    info = dataset.index_info(key)
-    if info is None or fingerprint_of(info) != report.index_fingerprint:
+    state = load_shard_state(dataset, key)
+    if state.index_bytes is None or state.index_fingerprint != report.index_fingerprint:
         return None
     try:
-        index = parse_index(dataset.read_index_bytes(key) or b"")
+        return index_members(state.index_bytes, state.index_url)
     except IndexFormatError:
         return None
-    if not index.has_names:
-        return None
-    # components are (ext, offset, size, name) tuples: indexed, not through their properties (per member)
-    return [(rec.key, tuple([(c[3], c[1], c[2]) for c in rec.components])) for rec in index.records]
 
 
 def verdict_fingerprints(dataset: Dataset, key: str) -> tuple[str | None, str | None]:
