@@ -448,9 +448,6 @@ def test_a_killed_export_resumes_without_rewriting_finished_shards(corpus, expor
     names = sorted(p.name for p in clean.iterdir() if p.is_file())
     assert names == sorted(p.name for p in dst.iterdir() if p.is_file())
     assert all((dst / n).read_bytes() == (clean / n).read_bytes() for n in names)
-    import json
-
-
     recorded = json.loads((dst / ".export" / "state.json").read_bytes())["shards"]
     assert len(recorded) == len(list(clean.glob("*.tar")))
     rewritten = [n for n, ino in done.items() if (dst / n).stat().st_ino != ino]
@@ -483,14 +480,18 @@ def test_shards_are_written_while_later_sources_are_planned(corpus, exported, tm
 
 def test_more_shards_than_the_streamed_names_hold(corpus, exported, tmp_path, monkeypatch) -> None:
     """Shards written while planning are named at the usual width; when there turn out to be more
-    shards than that width holds, every shard is written again under the wider names and the
-    narrow ones removed (here with one digit, as it would go past 100,000 shards)."""
+    shards than that width holds, the narrow ones are renamed to the wider names (a shard's bytes
+    do not depend on its name: none is written twice; here with one digit, as it would go past
+    100,000 shards)."""
     from curator_assets.steps import export as export_module
 
     monkeypatch.setattr(export_module, "MIN_NAME_WIDTH", 1)
     dst = tmp_path / "dst"
-    result = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=1))
+    lines: list[str] = []
+    result = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=1), log=lines.append)
     assert result.ok and result.shards >= 11
+    assert len(result.written) == result.shards and result.removed == []  # each shard's bytes written once
+    assert sum(line.startswith("renamed ") for line in lines) == 10  # 0-9 became 00-09
     width = len(str(result.shards - 1))
     tars = sorted(p.name for p in dst.glob("*.tar"))
     assert tars == [f"{i:0{width}d}.tar" for i in range(result.shards)]
@@ -523,6 +524,168 @@ def test_the_journal_keeps_finished_shards_and_skips_a_torn_line(corpus, exporte
     assert again.written == [] and again.unchanged == first.shards
     assert {p.name: p.stat().st_ino for p in dst.glob("*.tar")} == inodes
     assert json.loads(state_path.read_bytes())["shards"] == state["shards"] and not journal.exists()
+
+
+class Killed(BaseException):
+    """Stands for the process being killed at one exact point (raised from the state's journal)."""
+
+
+def _killed_at_record(monkeypatch, nth: int) -> None:
+    """The export dies when it is about to record its ``nth`` written shard: the shard's tar and
+    index are in place, the journal does not vouch for them yet."""
+    from curator_assets.steps.export_state import ExportState
+
+    real, calls = ExportState.record, []
+
+    def record(self, name, entry):
+        calls.append(name)
+        if len(calls) == nth:
+            raise Killed(name)
+        return real(self, name, entry)
+
+    monkeypatch.setattr(ExportState, "record", record)
+
+
+def test_a_shard_replaced_but_not_recorded_is_not_trusted(corpus, tmp_path, monkeypatch) -> None:
+    """A run killed between a shard's rename and its journal line: the earlier run's entry for that
+    name must not vouch for the new bytes (same size: another shuffle of the same records). The
+    next run writes it again; the output is byte-identical to a clean export."""
+    dst, clean = tmp_path / "dst", tmp_path / "clean"
+    one = ExportOptions(records_per_shard=1000, shuffle_seed=1, keep_duplicates=True)
+    export_dataset(str(corpus), str(clean), one)
+    sizes = [(clean / n).stat().st_size for n in ("00000.tar", "00000.idx")]
+    for seed in range(2, 200):  # another order whose tar and index have the same sizes as this one's
+        export_dataset(str(corpus), str(tmp_path / str(seed)), one._replace(shuffle_seed=seed))
+        if [(tmp_path / str(seed) / n).stat().st_size for n in ("00000.tar", "00000.idx")] == sizes:
+            break
+    else:
+        pytest.fail("no shuffle of the corpus gives an index of the same size")
+    export_dataset(str(corpus), str(dst), one)
+    with monkeypatch.context() as m:
+        _killed_at_record(m, 1)
+        with pytest.raises(Killed):
+            export_dataset(str(corpus), str(dst), one._replace(shuffle_seed=seed))
+    assert (dst / "00000.tar").read_bytes() != (clean / "00000.tar").read_bytes()  # the other shuffle is in place
+    assert (dst / "00000.tar").stat().st_size == (clean / "00000.tar").stat().st_size
+    again = export_dataset(str(corpus), str(dst), one)
+    assert again.written == ["00000"]
+    for name in ("00000.tar", "00000.idx", "manifest.parquet"):
+        assert (dst / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_a_shard_written_but_not_recorded_is_removed_when_no_longer_wanted(corpus, tmp_path, monkeypatch) -> None:
+    """A killed run left a shard no entry knows of; the next run has fewer shards: that one is
+    removed (a reader globbing DST/*.tar would read its records twice)."""
+    dst = tmp_path / "dst"
+    export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=1000))
+    with monkeypatch.context() as m:
+        _killed_at_record(m, 2)
+        with pytest.raises(Killed):
+            export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=4))
+    assert (dst / "00001.tar").exists()
+    again = export_dataset(str(corpus), str(dst), ExportOptions(records_per_shard=1000))
+    assert again.ok and again.shards == 1 and "00001" in again.removed
+    assert sorted(p.name for p in dst.iterdir() if p.is_file()) == ["00000.idx", "00000.tar", "manifest.parquet"]
+
+
+def test_a_line_torn_by_a_kill_does_not_swallow_the_next_one(tmp_path) -> None:
+    import fsspec
+
+    from curator_assets.steps.export_state import ExportState
+
+    (tmp_path / ".export").mkdir()
+    (tmp_path / ".export" / "journal.jsonl").write_text('{"shard": "00000", "entry": {"digest": "a"}}\n{"shard": "000')
+    state = ExportState(fsspec.filesystem("file"), str(tmp_path))
+    assert state.load()["shards"] == {"00000": {"digest": "a"}}
+    state.record("00001", {"digest": "b"})
+    state.forget("00000")
+    state.close()
+    again = ExportState(fsspec.filesystem("file"), str(tmp_path)).load()
+    assert again["shards"] == {"00000": None, "00001": {"digest": "b"}}
+
+
+def _lease_fs():
+    """An fsspec store that is not local disk (leases, not flocks): fsspec's in-memory one."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    return fs
+
+
+def test_a_lease_stamped_in_the_future_is_held(monkeypatch) -> None:
+    """The holder's clock a little ahead of ours: its fresh lease looks renewed in the future; it
+    is still held (taking it over would put two writers on one output)."""
+    from curator_assets.steps.export_state import ExportBusy, WriterLease
+
+    fs = _lease_fs()
+    for ahead in (3.0, 500.0):
+        fs.pipe("/out/.export/lease.json", json.dumps({"token": "other", "host": "h", "pid": 7,
+                                                        "renewed": time.time() + ahead}).encode())
+        with pytest.raises(ExportBusy, match="pid 7"):
+            WriterLease(fs, "/out", "memory://out").acquire()
+
+
+def test_a_lease_taken_over_stops_its_first_holder(monkeypatch) -> None:
+    """Another export took the lease (this one paused past LEASE_S): at its next renewal the first
+    holder finds a token not its own, leaves that lease alone and is told it lost (it stops)."""
+    from curator_assets.steps import export_state
+
+    monkeypatch.setattr(export_state, "RENEW_S", 0.05)
+    fs = _lease_fs()
+    lost = []
+    lease = export_state.WriterLease(fs, "/out", "memory://out", on_lost=lambda: lost.append(True))
+    lease.acquire()
+    lease.check()
+    theirs = json.dumps({"token": "other", "host": "h2", "pid": 9, "renewed": time.time()}).encode()
+    fs.pipe("/out/.export/lease.json", theirs)
+    lease._renewer.join(30)  # the renewer ends when it finds the lease lost
+    assert lost == [True] and "host h2, pid 9" in lease.lost
+    with pytest.raises(export_state.ExportBusy, match="took over"):
+        lease.check()
+    lease.release()
+    assert fs.cat("/out/.export/lease.json") == theirs  # the new holder's lease is left alone
+
+
+def test_a_lease_not_renewed_in_time_is_lost(monkeypatch) -> None:
+    """Renewals that keep failing (the store unreachable): once the last one that landed is older
+    than the lease can be trusted, the holder stops rather than write beside a new holder."""
+    from curator_assets.steps import export_state
+
+    monkeypatch.setattr(export_state, "RENEW_S", 0.05)
+    monkeypatch.setattr(export_state, "LEASE_S", 0.3)
+    fs = _lease_fs()
+    lease = export_state.WriterLease(fs, "/out", "memory://out")
+    lease.acquire()
+
+    def unreachable(*_args, **_kwargs):
+        raise ConnectionError("the store is unreachable")
+
+    monkeypatch.setattr(fs, "cat_file", unreachable)
+    lease._renewer.join(30)
+    assert lease.lost and "could not be renewed" in lease.lost
+
+
+def test_a_spooled_source_is_spooled_again_when_the_source_changed(corpus, tmp_path) -> None:
+    """A killed run leaves its spooled plain tars for the next; one whose compressed source was
+    replaced since is not reused (its records would be the old ones)."""
+    from curator_assets.steps.export_sources import Workspace, list_sources
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tars = sorted(corpus.glob("*.tar"))
+    (src / "00000.tar.gz").write_bytes(gzip.compress(tars[0].read_bytes()))
+    work = Workspace(lambda: str(tmp_path / "work"))
+    dataset = Dataset(str(src))
+    (source,), _ = list_sources(dataset)
+    assert work.spool(dataset, source) == "gzip"
+    assert Path(work.spool_path(source.key)).read_bytes() == tars[0].read_bytes()
+    (src / "00000.tar.gz").write_bytes(gzip.compress(tars[1].read_bytes()))
+    (changed,), _ = list_sources(Dataset(str(src)))
+    assert changed.fingerprint != source.fingerprint
+    assert work.spool(dataset, changed) == "gzip"
+    assert Path(work.spool_path(source.key)).read_bytes() == tars[1].read_bytes()
+    assert work.spool(dataset, changed) == "gzip"  # unchanged since: reused
 
 
 _HOLD = """
@@ -587,6 +750,38 @@ def test_an_object_store_output_is_leased(s3_store, corpus, tmp_path, monkeypatc
     assert result.ok and result.kept
     fs = s3_store.filesystem(fresh=True)
     assert not fs.exists(f"{bucket}/curated/.export/lease.json")  # released at the end
+
+
+@pytest.mark.cloud
+def test_an_export_whose_lease_is_taken_over_stops(s3_store, corpus, monkeypatch) -> None:
+    """Mid-export another export takes the lease over: this one stops with output_busy before its
+    manifest or state is written, and leaves the other's lease in place."""
+    import threading
+
+    from curator_assets.steps import export_state
+
+    monkeypatch.setattr(export_state, "RENEW_S", 0.05)
+    bucket = s3_store.new_bucket()
+    fs = s3_store.filesystem(fresh=True)
+    lease_path = f"{bucket}/curated/.export/lease.json"
+    theirs = json.dumps({"token": "other", "host": "h2", "pid": 9, "renewed": time.time() + 60}).encode()
+    taken: list[bool] = []
+
+    def log(line: str) -> None:
+        if line.startswith("reading ") and not taken:
+            fs.pipe(lease_path, theirs)
+            taken.append(True)
+            deadline = time.monotonic() + 60
+            while any(t.name == "export-lease" for t in threading.enumerate()) and time.monotonic() < deadline:
+                time.sleep(0.01)  # polls for the state it needs: the renewer has found the lease lost
+
+    with pytest.raises(ExportError, match="another export took over") as info:
+        export_dataset(str(corpus), s3_store.url(f"{bucket}/curated"), ExportOptions(records_per_shard=4),
+                       dst_storage_options=s3_store.storage_options, log=log)
+    assert info.value.code == "output_busy" and taken
+    assert not fs.exists(f"{bucket}/curated/manifest.parquet")
+    assert not fs.exists(f"{bucket}/curated/.export/state.json")
+    assert fs.cat(lease_path) == theirs
 
 
 # -- the Dagster asset ---------------------------------------------------------------------------

@@ -45,8 +45,8 @@ from curator_assets.steps.export_sources import (
     verdict_fingerprints,
 )
 from curator_assets.steps.export_state import STATE_DIR, ExportBusy, ExportState, WriterLease
-from curator_assets.steps.export_tar import SourceChanged, SourceFiles, write_tar
-from curator_assets.store.atomic import atomic_file, write_atomic
+from curator_assets.steps.export_tar import SourceChanged, SourceFiles, Stopped, write_tar
+from curator_assets.store.atomic import atomic_file, sync_folder, write_atomic
 from curator_assets.store.dataset import Dataset
 from curator_assets.store.errors import StorageError
 from curator_assets.store.fs import url_protocol
@@ -249,11 +249,13 @@ class ShardWriter:
         self.exporter = exporter
         self.old: dict[str, Any] = dict(state.get("shards", {}))
         self.written: dict[str, dict[str, Any]] = {}  # name -> its state entry
+        self.moved: set[str] = set()  # names written this run, then renamed to wider ones
         self.handed: set[str] = set()
         self.streamed = 0
         # Names given while planning: as wide as the last run's (when it had more than 10**5 shards,
         # a rerun then finds them in place), else the narrowest.
         self.width = max([MIN_NAME_WIDTH, *(len(n) for n in self.old if n.isdigit())])
+        self.by_digest: dict[str, str] = {}  # digest -> the name a shard of this run was written under
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
@@ -274,19 +276,43 @@ class ShardWriter:
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if self.error is not None or self.stopping.is_set():
+            if self.error is None and self.stopping.is_set():
+                self.error = Stopped("the export is stopping")
+            if self.error is not None:
                 continue
             plans, name, entries = job
             try:
-                self.written[name] = entry = self.exporter.write_or_keep(plans, name, entries, self.old)
-                if entry is not self.old.get(name):  # written now: remembered at once (the journal)
-                    self.exporter.state.record(name, entry)
-                    url = self.exporter.dst.url_of(self.exporter.path(name + ".tar"), self.exporter.fs)
-                    self.lines.put(f"wrote {url}: {len(entries)} records")
+                self._one(plans, name, entries)
             except BaseException as exc:  # noqa: BLE001 - raised in the main thread by close() or submit()
                 self.error = exc
 
+    def _one(self, plans: list[SourcePlan], name: str, entries: list) -> None:
+        """Output shard ``name``: kept, moved from the narrower name it was written under this run,
+        or written; remembered at once (the journal) unless kept."""
+        exporter = self.exporter
+        digest = shard_digest(plans, entries)
+        if exporter.still_there(name, self.old.get(name), digest):
+            exporter.result.unchanged += 1
+            self.written[name] = self.old[name]
+            return
+        exporter.state.forget(name)  # from here until record(), nothing vouches for this name's files
+        narrow = self.by_digest.get(digest)
+        if narrow is not None and exporter.move_shard(narrow, name):
+            entry, self.moved = self.written[narrow], self.moved | {narrow}
+            action = f"renamed {narrow} to"
+        else:
+            entry = exporter.write_shard(plans, name, entries, digest)
+            action = "wrote"
+        exporter.state.record(name, entry)
+        self.written[name] = entry
+        self.by_digest[digest] = name
+        self.lines.put(f"{action} {exporter.dst.url_of(exporter.path(name + '.tar'), exporter.fs)}: "
+                       f"{len(entries)} records")
+
     def relay_log(self) -> None:
+        """The writer's log lines, logged on the calling (main) thread; its error raised there."""
+        if self.error is not None:
+            raise self.error
         while True:
             try:
                 line = self.lines.get_nowait()
@@ -358,12 +384,29 @@ class Exporter:
 
     def run(self) -> ExportResult:
         start = time.perf_counter()
-        writer = None
-        lease = WriterLease(self.fs, self.root, self.dst.url)
+        self.lease = WriterLease(self.fs, self.root, self.dst.url, on_lost=self.stopping.set)
         try:
-            lease.acquire()
+            self.lease.acquire()
+            try:
+                self._run()
+            finally:
+                self.lease.release()
         except ExportBusy as exc:
             raise ExportError(str(exc), "output_busy") from None
+        except OSError as exc:  # the output folder cannot be locked or written
+            if isinstance(exc, StorageError):
+                raise
+            raise ExportError(f"{self.dst.url}: cannot write the output: {exc.strerror or exc}",
+                              "output_unwritable") from exc
+        except Stopped:
+            if self.lease.lost is not None:  # the lease was lost: say so; else an interrupt stopped it
+                raise ExportError(self.lease.lost, "output_busy") from None
+            raise
+        self.result.seconds = time.perf_counter() - start
+        return self.result
+
+    def _run(self) -> None:
+        writer = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="export")
         try:
             self.work = Workspace(self._work_root)
@@ -375,13 +418,12 @@ class Exporter:
             for done in self._cache_writes:  # a cache file that could not be written fails the run, as before
                 done.result()
         finally:
-            if writer is not None:
-                writer.stop()
-            self.state.close()
-            self._close()
-            lease.release()
-        self.result.seconds = time.perf_counter() - start
-        return self.result
+            try:
+                if writer is not None:
+                    writer.stop()
+            finally:
+                self.state.close()
+                self._close()
 
     def _work_root(self) -> str:
         if self.dst.local:
@@ -432,6 +474,7 @@ class Exporter:
             for entries in assigner.full_shards():
                 writer.submit(plans, entries)
             writer.relay_log()
+            self.lease.check()
         self.result.sources = len(sources)
         self.result.records = sum(len(p.records) for p in plans)
         return plans, assigner
@@ -484,12 +527,14 @@ class Exporter:
         # fsyncs wait on the kernel with the GIL released); it is written after them, as before.
         manifest = self._pool.submit(_manifest_build, plans, planned, out_shard, state.get("manifest"))
         written = writer.close()
+        self.lease.check()  # still this export's output: stale shards may go
         new_shards = {name: written[name] for name in names}
-        self._remove_stale(set(state.get("shards", {})) | set(written), new_shards, state)
+        self._remove_stale(set(state.get("shards", {})) | set(written), new_shards, state, writer.moved)
         self._write_manifest(*manifest.result(), state)
         self._summarize(plans, planned)
 
-    def _still_there(self, name: str, entry: dict | None, digest: str) -> bool:
+    def still_there(self, name: str, entry: dict | None, digest: str) -> bool:
+        """Whether shard ``name`` holds what ``entry`` vouches for (these records, these sizes)."""
         if not entry or entry.get("digest") != digest:
             return False
         try:
@@ -499,17 +544,21 @@ class Exporter:
             return False
         return int(tar.get("size") or 0) == entry.get("size") and int(idx.get("size") or 0) == entry.get("idx_size")
 
-    def write_or_keep(self, plans: list[SourcePlan], name: str, entries: list, old: dict[str, Any]
-                      ) -> dict[str, Any]:
-        """Output shard ``name``: kept when an earlier run wrote it with these records and it is still
-        there, else written (on the writer's thread). Its entry in the state."""
-        digest = shard_digest(plans, entries)
-        if self._still_there(name, old.get(name), digest):
-            self.result.unchanged += 1
-            return old[name]
-        return self._write_shard(plans, name, entries, digest)
+    def move_shard(self, old: str, new: str) -> bool:
+        """Shard ``old``, written this run, renamed to ``new`` (the names grew wider: a shard's bytes
+        do not depend on its name). False when it could not be (then it is written again)."""
+        self._remove(new + ".idx")  # never a tar beside another tar's index
+        try:
+            self.fs.mv(self.path(old + ".tar"), self.path(new + ".tar"))
+            self.fs.mv(self.path(old + ".idx"), self.path(new + ".idx"))
+        except (FileNotFoundError, OSError):
+            return False
+        if self.dst.local:
+            sync_folder(self.path())
+        return True
 
-    def _write_shard(self, plans: list[SourcePlan], name: str, entries: list, digest: str) -> dict[str, Any]:
+    def write_shard(self, plans: list[SourcePlan], name: str, entries: list, digest: str) -> dict[str, Any]:
+        """Shard ``name`` written from its records' sources (on the writer's thread); its state entry."""
         files = SourceFiles(lambda p: self._open_source(plans[p]))
         try:
             with atomic_file(self.fs, self.path(name + ".tar")) as out:
@@ -524,6 +573,8 @@ class Exporter:
         finally:
             files.close()
         write_atomic(self.fs, self.path(name + ".idx"), idx)
+        if self.dst.local:  # the renames are on disk before the journal vouches for them
+            sync_folder(self.path())
         self.result.written.append(name)
         self.result.bytes_written += size + len(idx)
         return {"digest": digest, "size": size, "idx_size": len(idx), "records": len(entries)}
@@ -546,17 +597,19 @@ class Exporter:
         except (FileNotFoundError, NotADirectoryError):
             pass
 
-    def _remove_stale(self, old: set[str], new: dict, state: dict) -> None:
+    def _remove_stale(self, old: set[str], new: dict, state: dict, moved: set[str]) -> None:
         for name in sorted(old - set(new)):
             self._remove(name + ".idx")
             self._remove(name + ".tar")
-            self.result.removed.append(name)
+            if name not in moved:
+                self.result.removed.append(name)
         state["shards"] = new
         self.state.save()
 
     def _write_manifest(self, digest: str, rows: bytes, data: bytes | None, state: dict) -> None:
         """Written when its rows changed (compared by digest: a rerun builds no Parquet) or it is gone."""
         path = self.path(MANIFEST_NAME)
+        self.lease.check()
         if state.get("manifest") != digest or not self.fs.exists(path):
             if data is None:
                 from curator_assets.steps.export_manifest import manifest_bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -104,14 +105,17 @@ class Workspace:
     def __init__(self, root: Callable[[], str]):
         self._make_root = root
         self._root: str | None = None
+        self._lock = threading.Lock()  # the planning thread and the shard writer both spool
 
     @property
     def root(self) -> str:
         """Made on first use: a run with nothing to read creates nothing."""
-        if self._root is None:
-            self._root = self._make_root()
-            for folder in (self.spool_root, self.no_index, self.scratch):
-                os.makedirs(folder, exist_ok=True)
+        with self._lock:
+            if self._root is None:
+                root = self._make_root()
+                for folder in ("spool", "no-index", "scratch"):
+                    os.makedirs(os.path.join(root, folder), exist_ok=True)
+                self._root = root
         return self._root
 
     @property
@@ -134,12 +138,18 @@ class Workspace:
         return os.path.join(self.spool_root, key + ".tar")
 
     def spool(self, dataset: Dataset, source: Source) -> str | None:
-        """The local plain tar of a spooled source (written once per export); its compression."""
+        """The local plain tar of a spooled source (written once per export, and kept by a killed
+        run for the next: reused only when the source's fingerprint is the one it was spooled from);
+        its compression."""
         path = self.spool_path(source.key)
         kind_file = path + ".kind"
-        if os.path.exists(path) and os.path.exists(kind_file):
+        try:
             with open(kind_file) as f:
-                return f.read() or None
+                kind, _, spooled_from = f.read().partition("\n")
+            if spooled_from == source.fingerprint and os.path.exists(path):
+                return kind or None
+        except FileNotFoundError:
+            pass
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with dataset.open(source.path) as raw:
             kind = compression_of(raw.read(SNIFF_BYTES))
@@ -151,7 +161,7 @@ class Workspace:
                     spool_plain(raw, kind, out)
         os.replace(path + ".part", path)
         with open(kind_file, "w") as f:
-            f.write(kind or "")
+            f.write(f"{kind or ''}\n{source.fingerprint}")
         return kind
 
 

@@ -209,7 +209,7 @@ def write_tar(out, plans: list[SourcePlan], entries: list[tuple[int, int, str]],
     lines = []
     small = sink.SMALL
     for n, (p, r, key) in enumerate(entries):
-        if not n & 255 and stop is not None and stop.is_set():
+        if not n & 15 and stop is not None and stop.is_set():
             raise Stopped("the export is stopping")
         rec = plans[p].records[r]
         f, fd = source = files.get(p)

@@ -97,6 +97,15 @@ def _write_local(path: str, data: bytes) -> None:
         raise
 
 
+def sync_folder(folder: str) -> None:
+    """The entries of a local folder (a rename into it) made durable: fsync of the folder itself."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(fs, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old object or the new one, never half.
 
