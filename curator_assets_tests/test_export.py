@@ -455,6 +455,23 @@ def test_a_killed_export_resumes_without_rewriting_finished_shards(corpus, expor
     assert not list(dst.glob(".curator-tmp-*"))
 
 
+def test_an_input_removed_while_it_is_exported_stops_the_export(corpus, tmp_path) -> None:
+    """An input shard deleted after it was planned, before its records are copied: an error naming
+    it (the CLI's one line, exit 2), no output shard and no manifest."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    shutil.copytree(corpus, src)
+    tars = sorted(src.glob("*.tar"))
+
+    def log(line: str) -> None:
+        if line.startswith("reading ") and line.endswith(tars[-1].name):
+            tars[0].unlink()  # planned already; its records go out only once every input is planned
+
+    with pytest.raises(ExportError, match=f"{tars[0].name}: removed while it was being exported") as info:
+        export_dataset(str(src), str(dst), ExportOptions(records_per_shard=1000), log=log)
+    assert info.value.code == "source_changed"
+    assert not list(dst.glob("*.tar")) and not (dst / "manifest.parquet").exists()
+
+
 def test_shards_are_written_while_later_sources_are_planned(corpus, exported, tmp_path) -> None:
     """Without a shuffle an output shard goes out as soon as its records are planned: the first
     one is on disk while the last source is still being read. (Written only after planning, it

@@ -387,17 +387,20 @@ class Exporter:
         self.lease = WriterLease(self.fs, self.root, self.dst.url, on_lost=self.stopping.set)
         try:
             self.lease.acquire()
+        except ExportBusy as exc:
+            raise ExportError(str(exc), "output_busy") from None
+        except OSError as exc:  # the output folder cannot be locked (read-only, not a folder)
+            if isinstance(exc, StorageError):
+                raise
+            raise ExportError(f"{self.dst.url}: cannot write the output: {exc.strerror or exc}",
+                              "output_unwritable") from exc
+        try:
             try:
                 self._run()
             finally:
                 self.lease.release()
         except ExportBusy as exc:
             raise ExportError(str(exc), "output_busy") from None
-        except OSError as exc:  # the output folder cannot be locked or written
-            if isinstance(exc, StorageError):
-                raise
-            raise ExportError(f"{self.dst.url}: cannot write the output: {exc.strerror or exc}",
-                              "output_unwritable") from exc
         except Stopped:
             if self.lease.lost is not None:  # the lease was lost: say so; else an interrupt stopped it
                 raise ExportError(self.lease.lost, "output_busy") from None
@@ -583,8 +586,13 @@ class Exporter:
         """The file a plan's records are copied from, once its source is proved unchanged since the
         plan was made (its fingerprint: etag/generation, or mtime and size)."""
         source = self._sources_by_key[plan.key]
-        if fingerprint_of(self.src.fs.info(source.path)) != plan.fingerprint:
-            raise ExportError(f"{source.url}: changed while it was being exported; run the export again",
+        try:
+            now = fingerprint_of(self.src.fs.info(source.path))
+        except FileNotFoundError:
+            now = None
+        if now != plan.fingerprint:
+            how = "removed" if now is None else "changed"
+            raise ExportError(f"{source.url}: {how} while it was being exported; run the export again",
                               "source_changed")
         if plan.compression is not None:
             self.work.spool(self.src, source)
