@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 
 from curator_assets.formats.compressed import SNIFF_BYTES, CompressedInputError, compression_of, spool_plain
 from curator_assets.formats.idx import Members
-from curator_assets.formats.report import ERROR, INFO, RECORD_CODES, ShardReport, read_report
+from curator_assets.formats.report import ERROR, INFO, RECORD_CODES, ShardReport
 from curator_assets.formats.tar_members import group_records, scan_tar
+from curator_assets.steps.state import ShardState, load_shard_state
 from curator_assets.steps.validate import validate_shard
 from curator_assets.store.dataset import Dataset
 from curator_assets.store.errors import StorageError
@@ -105,17 +106,16 @@ class Workspace:
     def __init__(self, root: Callable[[], str]):
         self._make_root = root
         self._root: str | None = None
-        self._lock = threading.Lock()  # the planning thread and the shard writer both spool
+        self._lock = threading.RLock()  # the planning thread and the shard writer both spool
 
     @property
     def root(self) -> str:
         """Made on first use: a run with nothing to read creates nothing."""
         with self._lock:
             if self._root is None:
-                root = self._make_root()
-                for folder in ("spool", "no-index", "scratch"):
-                    os.makedirs(os.path.join(root, folder), exist_ok=True)
-                self._root = root
+                self._root = self._make_root()
+                for folder in (self.spool_root, self.no_index, self.scratch):
+                    os.makedirs(folder, exist_ok=True)
         return self._root
 
     @property
@@ -241,9 +241,12 @@ def plan_source(dataset: Dataset, source: Source, work: Workspace, decoder: Call
         except CompressedInputError as exc:
             return SourcePlan(source.key, source.url, source.fingerprint, None, [], [], f"{source.url}: {exc}")
     view = reading_view(dataset, source, work, spooled)
-    shard = view.shard(source.key)
-    report = None if spooled else _fresh_report(dataset, source)
-    records = None if report is None else _records_from_index(dataset, source.key, report)
+    # In place, the shard's state (its info, index and stored report) is read once; the view reads
+    # the same tar without its index.
+    state = None if spooled else load_shard_state(dataset, source.key, report=True)
+    shard = view.shard(source.key) if state is None else state.info
+    report = None if state is None else _fresh_report(state, source)
+    records = None if report is None else _records_from_index(state, report)
     notes: list[str] = []
     if records is None:
         records, notes, error = _records_from_scan(view, source, shard.size)
@@ -262,8 +265,6 @@ def plan_source(dataset: Dataset, source: Source, work: Workspace, decoder: Call
     return SourcePlan(source.key, source.url, source.fingerprint, kind, out, notes, None)
 
 
-
-
 def _records_from_scan(view: Dataset, source: Source, size: int) -> tuple[list[tuple[str, Members]], list[str],
                                                                           str | None]:
     """(records, shard-level notes, why nothing can be exported) from a recovering header scan."""
@@ -279,15 +280,13 @@ def _records_from_scan(view: Dataset, source: Source, size: int) -> tuple[list[t
     return records, notes, f"{source.url}: nothing to export: {why} ({code})"
 
 
-def _records_from_index(dataset: Dataset, key: str, report: ShardReport) -> list[tuple[str, Members]] | None:
+def _records_from_index(state: ShardState, report: ShardReport) -> list[tuple[str, Members]] | None:
     """The records as the shard's ``.idx`` lists them, when the fresh validation report found that
     index exact (and it is unchanged since) and the tar whole: no header scan needed."""
     from curator_assets.formats.idx import IndexFormatError, index_members
-    from curator_assets.steps.state import load_shard_state
 
     if report.index != "fresh" or any(p.code.startswith("tar_") for p in report.problems):
         return None
-    state = load_shard_state(dataset, key)
     if state.index_bytes is None or state.index_fingerprint != report.index_fingerprint:
         return None
     try:
@@ -311,11 +310,9 @@ def verdict_fingerprints(dataset: Dataset, key: str) -> tuple[str | None, str | 
     return out[0], out[1]
 
 
-def _fresh_report(dataset: Dataset, source: Source) -> ShardReport | None:
-    try:
-        report = read_report(dataset, source.key)
-    except (OSError, ValueError, KeyError):
-        return None
+def _fresh_report(state: ShardState, source: Source) -> ShardReport | None:
+    """The stored validation report, when it describes the source as listed."""
+    report = state.report
     return report if report is not None and report.describes(source.fingerprint) else None
 
 
