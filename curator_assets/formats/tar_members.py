@@ -169,17 +169,11 @@ _PLAIN_TYPES = frozenset(b"0\x0057")  # regular, old regular, directory, contigu
 
 def _plain_run(reader: BlockReader, base: int, pos: int, total_size: int | None, out: list[Member],
                stop: int) -> int:
-    """Append members for as long as the headers are plain ustar/GNU files or directories.
-
-    The common case of every shard, so it is one tight loop that builds the list directly; it
-    stops (returning the position) at the first header needing more care (end blocks, long
-    names, PAX, links, a bad checksum, truncation) and the general scanner takes over there.
-    Measured at ~1.3 us a member (benchmarks/bench_index.py); every line here counts. A file
-    that is not mapped also stops at offset ``stop`` (the scan's stride).
-
-    The measured hot loop of indexing and validation: it stays one function (over 60 lines) on
-    purpose, as a call per member to named pieces would cost more than the rest of the loop.
-    """
+    """Append members while the headers are plain ustar/GNU files or directories; stop (returning
+    the position) at the first needing more care (end blocks, long names, PAX, links, a bad
+    checksum, truncation), or at ``stop`` in a file that is not mapped (the scan's stride).
+    The measured hot loop of indexing and validation (~1.3 us a member, bench_index.py): one
+    function on purpose, as a call per member to named pieces would cost more than the rest."""
     append = out.append
     adler32 = adler32_of
     new = tuple.__new__  # skips NamedTuple's Python-level __new__

@@ -160,8 +160,9 @@ class Assigner:
         for r, rec in enumerate(plan.records):
             reason = _reason(rec, options)
             if reason is None and rec.sha256 and not keep_duplicates:
-                first = self.seen_image.setdefault(rec.sha256, f"{plan.key}/{rec.key}")
-                if first != f"{plan.key}/{rec.key}":
+                where = f"{plan.key}/{rec.key}"
+                first = self.seen_image.setdefault(rec.sha256, where)
+                if first is not where:  # an earlier record holds this image
                     reason = f"duplicate_of:{first}"
             key = None
             if reason is None:
@@ -187,15 +188,6 @@ class Assigner:
         if self.options.shuffle_seed is not None:
             random.Random(self.options.shuffle_seed).shuffle(self.kept)
         return Planned(self.kept, self.reasons, self.out_keys)
-
-
-def assign(plans: list[SourcePlan], options: ExportOptions) -> Planned:
-    """Kept records in input order, duplicates of an earlier image left out, keys made unique;
-    then spread in a seeded random order with ``shuffle_seed``."""
-    assigner = Assigner(options)
-    for p, plan in enumerate(plans):
-        assigner.add(p, plan)
-    return assigner.finish()
 
 
 def _reason(rec: SourceRecord, options: ExportOptions) -> str | None:

@@ -25,6 +25,10 @@ class SourceChanged(RuntimeError):
     """An input that ended before a member it was planned to hold (it changed after planning)."""
 
 
+def _ended_early(missing: int, at: int) -> SourceChanged:
+    return SourceChanged(f"input ended {missing} bytes early at byte {at}")
+
+
 class Stopped(RuntimeError):
     """The export is stopping (an error elsewhere, an interrupt): the shard being written is dropped."""
 
@@ -77,13 +81,13 @@ class SourceFiles:
             self.owner = None
             n = os.preadv(fd, [self.buffer], offset)
             if n < size:
-                raise SourceChanged(f"input ended {size - n} bytes early at byte {offset + n}")
+                raise _ended_early(size - n, offset + n)
             self.owner, self.start, self.length = p, offset, n
             self.ends[p] = offset + n
             return self.buffer[:size]
         data = os.pread(fd, size, offset)
         if len(data) < size:
-            raise SourceChanged(f"input ended {size - len(data)} bytes early at byte {offset + len(data)}")
+            raise _ended_early(size - len(data), offset + len(data))
         self.ends[p] = offset + size
         return memoryview(data)
 
@@ -159,7 +163,7 @@ class TarSink:
             while done < size:
                 n = os.copy_file_range(fd, self.fd, size - done, offset + done)
                 if n == 0:
-                    raise SourceChanged(f"input ended {size - done} bytes early at byte {offset + done}")
+                    raise _ended_early(size - done, offset + done)
                 done += n
         except OSError as exc:  # another file system, or a kernel without it: copy by reading
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
@@ -173,7 +177,7 @@ class TarSink:
         while left:
             data = f.read(min(left, COPY_CHUNK))
             if not data:
-                raise SourceChanged(f"input ended {left} bytes early at byte {offset + size - left}")
+                raise _ended_early(left, offset + size - left)
             _write_all(self.fd, [data])
             left -= len(data)
 
