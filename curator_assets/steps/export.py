@@ -44,7 +44,7 @@ from curator_assets.steps.export_sources import (
     readable,
     verdict_fingerprints,
 )
-from curator_assets.steps.export_state import STATE_DIR, ExportBusy, ExportState, WriterLease
+from curator_assets.steps.export_state import STATE_DIR, ExportBusy, ExportState, WriterLease, read_or_none
 from curator_assets.steps.export_tar import SourceChanged, SourceFiles, Stopped, write_tar
 from curator_assets.store.atomic import atomic_file, sync_folder, write_atomic
 from curator_assets.store.dataset import Dataset
@@ -368,12 +368,6 @@ class Exporter:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def _read(self, path: str) -> bytes | None:
-        try:
-            return self.fs.cat_file(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
     def run(self) -> ExportResult:
         start = time.perf_counter()
         self.lease = WriterLease(self.fs, self.root, self.dst.url, on_lost=self.stopping.set)
@@ -483,7 +477,7 @@ class Exporter:
 
     def _plan(self, source: Source) -> SourcePlan:
         cache = self._cache_path(source)
-        raw = self._read(cache)
+        raw = read_or_none(self.fs, cache)
         if raw is not None:
             try:
                 plan = SourcePlan.from_bytes(raw)

@@ -46,6 +46,14 @@ LEASE_S = 120.0  # an object-store lease not renewed for this long belongs to an
 RENEW_S = 20.0
 
 
+def read_or_none(fs, path: str) -> bytes | None:
+    """The bytes at ``path``, or None when there is nothing there."""
+    try:
+        return fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 class ExportBusy(RuntimeError):
     """Another export is writing the same output folder."""
 
@@ -67,7 +75,7 @@ class ExportState:
 
     def load(self) -> dict[str, Any]:
         """The state as the last run left it, its journal merged in (what a killed run finished)."""
-        raw = self._read(self.path(STATE_NAME))
+        raw = read_or_none(self.fs, self.path(STATE_NAME))
         try:
             state = json.loads(raw) if raw else {}
         except ValueError:
@@ -137,16 +145,10 @@ class ExportState:
             os.close(self._journal_fd)
             self._journal_fd = None
 
-    def _read(self, path: str) -> bytes | None:
-        try:
-            return self.fs.cat_file(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
     def _journal_entries(self) -> dict[str, Any]:
         """Shard name -> its entry, or None for a tombstone (its files are not vouched for)."""
         if self.local:
-            raw = self._read(self.path(JOURNAL_NAME)) or b""
+            raw = read_or_none(self.fs, self.path(JOURNAL_NAME)) or b""
             lines = raw.split(b"\n")
         else:
             try:
@@ -251,10 +253,11 @@ class WriterLease:
 
     # object stores: a lease object renewed while the export runs
     def _read_lease(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.fs.cat_file(self.path(LEASE_NAME)))
-        except (FileNotFoundError, NotADirectoryError):
+        raw = read_or_none(self.fs, self.path(LEASE_NAME))
+        if raw is None:
             return None
+        try:
+            data = json.loads(raw)
         except ValueError:
             return {}
         return data if isinstance(data, dict) else {}
