@@ -7,11 +7,15 @@ where it went, or why it was left out). See docs/export.md.
 - Kept records are copied member by member, byte for byte, under fixed member metadata (POSIX
   pax/ustar headers, mtime 0, uid/gid 0, mode 0644, no user names): the same input and options
   give the same bytes. Each ``.idx`` is the v1.2 index ``wds2idx`` writes for the tar.
-- Each output file is written atomically (:func:`storage.atomic_file`). ``DST/.export/state.json``
-  records what each written shard holds (a digest of its records' sources and places); a run
-  that is killed and run again writes only the shards the state does not vouch for, and a run
-  with nothing changed writes nothing. Each input shard's verdicts are cached beside the state,
-  keyed by the shard's fingerprint, so a resumed run does not validate or decode it again.
+- Each output file is written atomically (:func:`store.atomic.atomic_file`). ``DST/.export/``
+  records what each written shard holds (a digest of its records' sources and places: the state
+  and its journal, :mod:`steps.export_state`); a run that is killed and run again writes only the
+  shards the state does not vouch for, and a run with nothing changed writes nothing. One export
+  at a time writes a DST (a lock, or a lease on object stores).
+- Without a shuffle, each output shard is written on a second thread (:class:`ShardWriter`) as
+  soon as its records are planned, while the next input shards are planned.
+- Each input shard's verdicts are cached beside the state, keyed by the shard's fingerprint, so
+  a resumed run does not validate or decode it again.
 - Memory holds records' names and offsets, never their bytes (a shuffle permutes those).
 """
 
